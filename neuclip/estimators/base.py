@@ -1,0 +1,101 @@
+"""The one interface between the trainer and a normaliser estimator.
+
+The trainer knows nothing method-specific. Each step it hands the estimator the *local* L2-normalised
+embeddings (with grad), their global sample ids, the step and the fractional epoch. The estimator gathers the
+global batch itself (with grad, so that DDP's gradient average equals the single-process gradient on the
+whole global batch), runs its own inner block (per-sample state update, NPN steps, lambda-net steps) and
+returns the loss for the encoder/temperature block.
+
+Conventions every estimator follows (see ../shared/docs/METHOD.md §1):
+- `h_ij = (s_ij - s_ii) / tau`, the mini-batch normaliser `g_hat_i = 1/(B-1) sum_{j != i} exp(h_ij)`, and
+  the log-normaliser `alpha_i = log(eps + g_i)`. k = 1 is the image anchor, k = 2 the text anchor.
+- The returned loss is a *surrogate*: its gradient is the method's gradient estimator. Its value is replaced
+  (gradient-neutrally) by the method's own estimate of its objective, so that logged losses mean something.
+- Maths in float32 or wider, whatever precision the encoders ran in; per-sample state in `state_dtype`.
+- All state (buffers, inner optimisers, RNG, counters) is in `state_dict()`, so a resume is bit-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor  # (b, d) local image embeddings, L2-normalised, requires grad
+    text: torch.Tensor  # (b, d) local text embeddings, L2-normalised, requires grad
+    ids: torch.Tensor  # (b,) int64 global sample ids (the webdataset .json "key")
+    step: int  # optimisation step, 0-based
+    epoch: float  # fractional epoch: samples seen / samples per epoch
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar surrogate to backpropagate
+    stats: dict[str, float] = field(default_factory=dict)  # detached numbers for the metrics log
+
+
+@dataclass
+class EstimatorContext:
+    """What an estimator may know about the run it is part of."""
+
+    embed_dim: int
+    data_size: int = 0  # max sample id + 1 (may exceed the number of samples present)
+    total_epochs: float = 1.0
+    total_steps: int = 1
+    steps_per_epoch: int = 1
+
+
+class Estimator(nn.Module):
+    """Base class. Subclasses set `name`, `description`, `estimate_kind` and implement `forward`."""
+
+    name: str = ""
+    description: str = ""
+    # How the error study reads this method's log-normaliser estimate (METHOD §6.3):
+    #   "state": `log_normalizers()` returns stored/predicted alphas; "minibatch": log(eps + g_hat) from a
+    #   random batch of the training batch size; "none": the method has no normaliser (SigLIP).
+    estimate_kind: str = "state"
+
+    def __init__(self, cfg: dict, ctx: EstimatorContext):
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.ctx = ctx
+
+    def forward(self, batch: Batch) -> StepOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Encoder-block parameters this estimator owns (temperatures, SigLIP bias), as optimiser groups.
+
+        Each group is a dict with "name", "params", "weight_decay" and "lr" (None = the trainer's lr). The
+        trainer applies its lr schedule multiplier to each group's base lr.
+        """
+        return []
+
+    def lr_factors(self) -> dict[str, float]:
+        """Extra per-group lr multipliers decided by the method (e.g. FastCLIP's lr_tau / 3 below 0.03)."""
+        return {}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Projection after the encoder step (clamping temperatures)."""
+
+    def temperature(self) -> float:
+        """The current global temperature tau (for logs and for the error study's exact normaliser)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def log_normalizers(
+        self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current estimates (alpha1_hat, alpha2_hat) of log(eps + g_k) for these anchors, float32.
+
+        Entries a method has no estimate for yet (a per-sample state never visited) are NaN.
+        """
+        raise NotImplementedError(f"{self.name} has estimate_kind={self.estimate_kind!r}")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook for methods with per-epoch resets (AmorLIP's EMA re-initialisation)."""
