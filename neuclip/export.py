@@ -51,9 +51,7 @@ def save_model(model: torch.nn.Module, model_name: str, out_dir: str | os.PathLi
         "mean": list(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
         "std": list(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
     }
-    (tmp / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2)
-    )
+    (tmp / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "open_clip_model.safetensors"))
     if out_dir.exists():

@@ -12,7 +12,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "siglip": ("baselines.siglip:SigLIP", "pairwise sigmoid loss (open_clip SigLipLoss), no normaliser"),
     "sogclr": ("baselines.sogclr:SogCLR", "GCL with per-sample moving-average normalisers, constant gamma"),
     "isogclr": ("baselines.isogclr:ISogCLR", "RGCL: per-sample normalisers and per-sample temperatures"),
-    "fastclip": ("baselines.fastclip:FastCLIP", "FastCLIP v0/v1/v2/v3 (default v3: RGCL-g, cosine gamma)"),
+    "fastclip": ("baselines.fastclip:FastCLIP", "FastCLIP v0/v1/v3 (default v3: RGCL-g, cosine gamma)"),
     "amorlip": ("baselines.amorlip:AmorLIP", "amortised normalisers: lambda-MLP regressed on EMA targets"),
     "neuclip": ("neuclip.neuclip:NeuCLIP", "NeuCLIP: prototype normaliser-prediction network, unified objective"),
 }
@@ -36,7 +36,5 @@ def build_estimator(name: str, cfg: dict | None, ctx: EstimatorContext) -> Estim
     defaults = getattr(cls, "defaults", {})
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
-        raise KeyError(
-            f"method {name!r}: unknown option(s) {unknown}; known options: {', '.join(sorted(defaults))}"
-        )
+        raise KeyError(f"method {name!r}: unknown option(s) {unknown}; known options: {', '.join(sorted(defaults))}")
     return cls({**defaults, **cfg}, ctx)

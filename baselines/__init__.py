@@ -1,0 +1,1 @@
+"""Baseline normaliser estimators, one per file, each behind neuclip.estimators.base.Estimator."""

@@ -1,0 +1,29 @@
+"""SogCLR: the GCL objective with per-sample moving-average normalisers and a constant gamma (METHOD.md §3).
+
+    objective: 1/n sum_i [log(eps + g1_i) + log(eps + g2_i)],  tau fixed
+    u_k[i] <- (1 - gamma) u_k[i] + gamma (eps + g_hat_k[i]),    gradient sum_j exp(h_ij) grad h_ij / ((B-1) u_i)
+
+It is FastCLIP-v1's objective with SogCLR's constant gamma (0.9 in its paper); see fastclip.GlobalContrastive.
+"""
+
+from __future__ import annotations
+
+from baselines.fastclip import GlobalContrastive
+from baselines.per_sample import PerSampleEstimator
+from neuclip.estimators.base import EstimatorContext
+
+
+class SogCLR(GlobalContrastive):
+    name = "sogclr"
+    description = "GCL with per-sample moving-average normalisers, constant gamma"
+    defaults = {
+        **PerSampleEstimator.common_defaults,
+        "gamma": 0.9,
+        "tau_init": 0.07,
+        "tau_min": 0.01,
+        "lr_tau": None,
+        "tau_lr_threshold": 0.0,
+    }
+
+    def __init__(self, cfg: dict, ctx: EstimatorContext):
+        super().__init__(cfg, ctx, objective="gcl", learn_tau=False)

@@ -1,0 +1,208 @@
+"""NeuCLIP: normaliser prediction network + unified objective, optimised alternately (METHOD.md §4).
+
+Unified objective (both blocks minimise it; computed in log space, e^-alpha (eps + g) = exp(log(eps+g) - alpha)):
+
+    L(w, tau, W) = tau/|B| sum_i [ exp(l1_i - alpha1_i) + alpha1_i - 1 + exp(l2_i - alpha2_i) + alpha2_i - 1 ]
+                   + 2 rho tau,            l_k_i = log(eps + g_hat_k_i),  alpha_k_i = NPN(e_k_i; W_k)
+
+Because log x = min_a {x e^-a + a - 1}, L >= the RGCL-g mini-batch loss with equality (and equal encoder
+gradient, by the envelope theorem) at alpha = l. Each iteration (alternating, the default):
+  1. gather the global batch; every T_r iterations (t = 0 included) restart the prototypes W1 <- texts,
+     W2 <- images sampled from `restart_sampling`, and (by default) reset AdaGrad;
+  2. T_u AdaGrad steps on (W1, W2) for L with embeddings, s_ii and tau detached;
+  3. alpha <- NPN(...).detach(); the returned loss is L, whose gradient updates encoders and tau (AdamW).
+The NPN update runs on the whole gathered batch on every rank (replicated, identical, no gradient all-reduce),
+the encoder loss on this rank's anchors. No per-sample state: sample ids are not used.
+
+Ablation switches (DFN-14M ablations in METHOD §4): objective unified|separate (separate: regress alpha onto l,
+AmorLIP style), npn prototype|mlp, updates alternating|simultaneous (one joint backward; the NPN's AdaGrad step
+then happens in after_optimizer_step, on rank-averaged gradients).
+
+Choices where the paper is silent (documented in docs/methods.md): AdaGrad lr 0.05; AdaGrad reset at each
+restart; restart rows drawn from a ring buffer of the last m gathered embeddings ("recent"), with replacement
+plus a small jitter while fewer than m rows exist (otherwise duplicated prototypes would stay identical).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from neuclip.estimators.base import Batch, Estimator, EstimatorContext, StepOutput
+from neuclip.estimators.ops import GlobalView, gather_no_grad, log_eps_g, world
+from neuclip.estimators.temperature import TEMPERATURE_DEFAULTS, LearnableTemperature
+from neuclip.nets import MLPNPN, PrototypeNPN
+
+CHOICES = {
+    "objective": ("unified", "separate"),
+    "npn": ("prototype", "mlp"),
+    "updates": ("alternating", "simultaneous"),
+    "restart_sampling": ("recent", "batch"),
+}
+
+
+def unified_terms(log_g: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Per-anchor e^-alpha (eps + g) + alpha - 1, from l = log(eps + g)."""
+    return torch.exp(log_g - alpha) + alpha - 1.0
+
+
+class NeuCLIP(LearnableTemperature, Estimator):
+    name = "neuclip"
+    description = "NeuCLIP: prototype normaliser-prediction network, unified objective"
+    defaults = {
+        **TEMPERATURE_DEFAULTS,
+        "eps": 1e-14,
+        "rho": 6.5,
+        "num_prototypes": 4096,  # m
+        "inner_steps": 10,  # T_u
+        "restart_every": 500,  # T_r; 0 = never restart after the initialisation
+        "npn_lr": 0.05,
+        "reset_adagrad": True,
+        "restart_sampling": "recent",
+        "restart_jitter": 0.01,
+        "mlp_factor": 1.0,
+        "objective": "unified",
+        "npn": "prototype",
+        "updates": "alternating",
+        "seed": 0,
+    }
+
+    def __init__(self, cfg: dict, ctx: EstimatorContext):
+        super().__init__(cfg, ctx)
+        for key, allowed in CHOICES.items():
+            if cfg[key] not in allowed:
+                raise ValueError(f"neuclip: {key} must be one of {allowed}, got {cfg[key]!r}")
+        self.init_temperature()
+        m, d = int(cfg["num_prototypes"]), ctx.embed_dim
+        self.generator = torch.Generator().manual_seed(int(cfg["seed"]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg["seed"]))
+            self.npn = PrototypeNPN(d, m) if cfg["npn"] == "prototype" else MLPNPN(d, cfg["mlp_factor"])
+        # Ring buffers of recent detached global embeddings: restart material for W1 (texts), W2 (images).
+        self.register_buffer("bank_text", torch.zeros(m, d))
+        self.register_buffer("bank_image", torch.zeros(m, d))
+        self.register_buffer("bank_count", torch.tensor(0))
+        self.register_buffer("iteration", torch.tensor(0))
+        self._opt: torch.optim.Optimizer | None = None
+        self._pending_opt_state: dict | None = None
+
+    # -- inner optimiser (created lazily so that it lives on the device the module was moved to) --------
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        if self._opt is None:
+            self._opt = torch.optim.Adagrad(self.npn.parameters(), lr=self.cfg["npn_lr"])
+            if self._pending_opt_state is not None:
+                self._opt.load_state_dict(self._pending_opt_state)
+                self._pending_opt_state = None
+        return self._opt
+
+    def get_extra_state(self) -> dict:
+        opt_state = self._opt.state_dict() if self._opt is not None else self._pending_opt_state
+        return {"inner_optimizer": opt_state, "generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._opt, self._pending_opt_state = None, state["inner_optimizer"]
+        self.generator.set_state(state["generator"])
+
+    # -- the two blocks -----------------------------------------------------------------------------------
+    def npn_loss(self, log_g1, log_g2, alpha1, alpha2, tau: float) -> torch.Tensor:
+        if self.cfg["objective"] == "separate":
+            return ((alpha1 - log_g1) ** 2 + (alpha2 - log_g2) ** 2).mean()
+        return tau * (unified_terms(log_g1, alpha1) + unified_terms(log_g2, alpha2)).mean()
+
+    @torch.no_grad()
+    def _push_bank(self, all_image: torch.Tensor, all_text: torch.Tensor) -> None:
+        m = self.bank_text.shape[0]
+        rows = all_image.shape[0]
+        pos = (int(self.bank_count) + torch.arange(rows, device=self.bank_text.device)) % m
+        keep = slice(max(0, rows - m), rows)  # a batch larger than the bank: keep its last m rows
+        self.bank_text[pos[keep]] = all_text[keep].to(self.bank_text.dtype)
+        self.bank_image[pos[keep]] = all_image[keep].to(self.bank_image.dtype)
+        self.bank_count += rows
+
+    @torch.no_grad()
+    def _draw(self, source: torch.Tensor, m: int) -> torch.Tensor:
+        n = source.shape[0]
+        if n >= m:
+            idx = torch.randperm(n, generator=self.generator)[:m]
+            return source[idx.to(source.device)]
+        idx = torch.randint(n, (m,), generator=self.generator)
+        noise = torch.randn(m, source.shape[1], generator=self.generator) * self.cfg["restart_jitter"]
+        return source[idx.to(source.device)] + noise.to(source.device, source.dtype)
+
+    @torch.no_grad()
+    def restart(self, all_image: torch.Tensor, all_text: torch.Tensor) -> None:
+        if isinstance(self.npn, PrototypeNPN):
+            m = self.npn.w1.shape[0]
+            if self.cfg["restart_sampling"] == "recent":
+                filled = min(int(self.bank_count), m)
+                texts, images = self.bank_text[:filled], self.bank_image[:filled]
+            else:
+                texts, images = all_text, all_image
+            self.npn.w1.copy_(self._draw(texts, m))
+            self.npn.w2.copy_(self._draw(images, m))
+        if self.cfg["reset_adagrad"]:
+            self._opt, self._pending_opt_state = None, None
+
+    def forward(self, batch: Batch) -> StepOutput:
+        view = GlobalView(batch.image, batch.text, batch.ids)
+        d1, d2 = view.diffs()
+        tau = self.tau.to(d1.dtype)
+        log_g1 = log_eps_g(d1 / tau, view.mask, self.cfg["eps"])
+        log_g2 = log_eps_g(d2 / tau, view.mask, self.cfg["eps"])
+        eps, t = self.cfg["eps"], int(self.iteration)
+        all_image, all_text = view.all_image.detach(), view.all_text.detach()
+        all_pos = (all_image.to(d1.dtype) * all_text.to(d1.dtype)).sum(1)
+        tau_now = float(tau.detach())
+
+        self._push_bank(all_image, all_text)
+        every = int(self.cfg["restart_every"])
+        if t == 0 or (every > 0 and t % every == 0):
+            self.restart(all_image, all_text)
+        simultaneous = self.cfg["updates"] == "simultaneous"
+        if not simultaneous:
+            targets = gather_no_grad(log_g1.detach()), gather_no_grad(log_g2.detach())
+            opt = self.inner_optimizer()
+            for _ in range(int(self.cfg["inner_steps"])):
+                opt.zero_grad(set_to_none=True)
+                a1, a2 = self.npn(all_image, all_text, all_pos, 1.0 / tau_now, eps)
+                self.npn_loss(*targets, a1, a2, tau_now).backward()
+                opt.step()
+        self.iteration += 1
+
+        local = slice(view.offset, view.offset + batch.image.shape[0])
+        if simultaneous:  # alpha keeps its graph: one backward feeds encoders, tau and the NPN
+            self.inner_optimizer().zero_grad(set_to_none=True)
+            alpha1, alpha2 = self.npn(batch.image, batch.text, all_pos[local], 1.0 / tau.detach(), eps)
+        else:
+            with torch.no_grad():
+                alpha1, alpha2 = self.npn(all_image[local], all_text[local], all_pos[local], 1.0 / tau_now, eps)
+        rho = self.cfg["rho"]
+        loss = tau * (unified_terms(log_g1, alpha1) + unified_terms(log_g2, alpha2)).mean() + 2 * rho * tau
+        with torch.no_grad():
+            gap = torch.cat([alpha1 - log_g1, alpha2 - log_g2]).abs().mean()
+        stats = {
+            "tau": tau_now,
+            "alpha1_mean": float(alpha1.detach().mean()),
+            "alpha2_mean": float(alpha2.detach().mean()),
+            "npn_abs_gap": float(gap),  # mean |alpha - log(eps + g_hat)| on this batch, after the NPN block
+        }
+        return StepOutput(loss, stats)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.cfg["updates"] == "simultaneous" and self._opt is not None:
+            _, size = world()
+            if size > 1:
+                for p in self.npn.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+            self._opt.step()
+            self._opt.zero_grad(set_to_none=True)
+        self.project_temperature()
+
+    @torch.no_grad()
+    def log_normalizers(self, image, text, ids):
+        dtype = torch.promote_types(image.dtype, torch.float32)
+        pos = (image.to(dtype) * text.to(dtype)).sum(1)
+        a1, a2 = self.npn(image, text, pos, 1.0 / self.temperature(), self.cfg["eps"])
+        return a1.float(), a2.float()

@@ -1,0 +1,385 @@
+#!/usr/bin/env bash
+# Start a real, single-machine SLURM cluster (munge + private MariaDB + slurmdbd + slurmctld + slurmd) with
+# every file under one state folder, so CI and developers can run sbatch / srun / sacct / submitit against it.
+#
+#   slurm/testcluster/start.sh [STATE_DIR]      # default: $NEUCLIP_SLURM_DIR or /tmp/neuclip-slurm
+#   source STATE_DIR/env.sh                     # exports SLURM_CONF for sinfo, sbatch, sacct, submitit
+#   slurm/testcluster/stop.sh [STATE_DIR]
+#
+# Idempotent: when every daemon is alive and sinfo answers, it prints so and exits 0. A daemon that died (or a
+# state folder left behind by a crash or a `kill -9`) is detected through its pid file and started again;
+# job state and the accounting database are kept, so job ids keep increasing across restarts.
+#
+# Runs everything as root, without systemd and without cgroups (containers here have neither). Needs the
+# Debian packages from .ci/install_debs.sh (Debian 12: SLURM 22.05, munge 0.5.15, MariaDB 10.11).
+#
+# Ports (all on 127.0.0.1, chosen away from the SLURM/MySQL defaults 6817-6819/3306 so a system SLURM or
+# MySQL on the same machine does not clash); override with the environment variables:
+#   NEUCLIP_SLURMCTLD_PORT=16817  NEUCLIP_SLURMD_PORT=16818  NEUCLIP_SLURMDBD_PORT=16819
+#   NEUCLIP_MARIADB_PORT=16306
+# Other knobs: NEUCLIP_SLURM_FAKE_GPUS=2 (fake GPUs for scheduling), NEUCLIP_SLURM_START_TIMEOUT=60 (s).
+#
+# Traps hit while writing this (kept here so nobody has to rediscover them):
+#  - munged refuses a socket folder (or any parent) that is not world-executable, and clients cannot
+#    reach the socket either; the state folder is therefore created mode 755.
+#  - Without AccountingStoragePass=<munge socket> in slurm.conf, slurmctld and sacct authenticate to slurmdbd
+#    through the DEFAULT munge socket (/run/munge/...), which does not exist: "Protocol authentication error".
+#  - StorageHost=localhost makes the MySQL client library use its compiled-in unix socket
+#    (/run/mysqld/mysqld.sock) and ignore StoragePort; 127.0.0.1 forces TCP to our private server.
+#  - slurmdbd has no -f option: it reads slurmdbd.conf from the folder of $SLURM_CONF, and refuses to start
+#    unless that file is mode 600 and owned by SlurmUser. gres.conf is likewise looked up next to slurm.conf.
+#  - mariadbd does not daemonize: it is started with setsid and all three std streams redirected, otherwise
+#    a caller that captures output (pytest's subprocess.run) waits forever for the pipe to close.
+#  - mariadbd refuses to run as root unless given --user=root; --no-defaults keeps /etc/mysql/my.cnf (which
+#    points at the system datadir and socket) out of the way.
+#  - With SelectTypeParameters=CR_Core_Memory a job without --mem asks for the whole node's memory, so jobs
+#    would run one at a time; DefMemPerCPU gives them a small default instead.
+#  - slurmctld is started WITHOUT -c (clear state): with -c job ids restart at 1 while the accounting database
+#    still holds the old job 1, 2, ..., so sacct -j (and submitit's state polling) can read a stale record
+#    and a reused submitit folder mixes two jobs. -i lets it start past a state file left by a crash.
+#  - Snapshot RealMemory from `slurmd -C` minus 1 GiB: if slurm.conf claims more memory than the node has,
+#    slurmd registers "Low RealMemory" and the node is drained.
+set -euo pipefail
+
+STATE_DIR="${1:-${NEUCLIP_SLURM_DIR:-/tmp/neuclip-slurm}}"
+CTLD_PORT="${NEUCLIP_SLURMCTLD_PORT:-16817}"
+SLURMD_PORT="${NEUCLIP_SLURMD_PORT:-16818}"
+DBD_PORT="${NEUCLIP_SLURMDBD_PORT:-16819}"
+DB_PORT="${NEUCLIP_MARIADB_PORT:-16306}"
+FAKE_GPUS="${NEUCLIP_SLURM_FAKE_GPUS:-2}"
+TIMEOUT="${NEUCLIP_SLURM_START_TIMEOUT:-60}"
+CLUSTER=neuclip
+
+log() { echo "[testcluster] $*"; }
+
+# Absolute path: the path ends up in config files read by daemons whose working directory is elsewhere.
+mkdir -p "$STATE_DIR"
+STATE_DIR="$(cd "$STATE_DIR" && pwd)"
+D="$STATE_DIR"
+
+for bin in munged mungekey mariadbd mysql_install_db mariadb slurmdbd slurmctld slurmd sinfo sacctmgr scontrol; do
+    command -v "$bin" >/dev/null || { echo "start.sh: '$bin' not found; run .ci/install_debs.sh first" >&2; exit 2; }
+done
+
+# --- layout ---------------------------------------------------------------------------------------------
+# World-executable all the way down to the munge socket (see the trap list above); secrets stay mode 600.
+chmod 755 "$D"
+mkdir -p "$D/etc" "$D/munge" "$D/mysql" "$D/run" "$D/log" "$D/state/ctld" "$D/spool/slurmd"
+chmod 755 "$D/etc" "$D/munge" "$D/run" "$D/log"
+chmod 700 "$D/mysql"
+MUNGE_SOCK="$D/munge/munge.socket"
+SLURM_CONF_FILE="$D/etc/slurm.conf"
+export SLURM_CONF="$SLURM_CONF_FILE"
+
+# Serialize concurrent start/stop calls on the same folder (e.g. CI and a test fixture racing).
+# Every daemon below is started with `9>&-`: a daemon that inherited fd 9 would hold this lock for its
+# whole life and every later start/stop would hang on it.
+exec 9>"$D/.lock"
+flock -w 180 9 || { echo "start.sh: another start/stop holds $D/.lock" >&2; exit 1; }
+
+# --- helpers --------------------------------------------------------------------------------------------
+# pid_alive PIDFILE NAME: true when the pid in PIDFILE is running AND is the expected program. The name
+# check guards against a stale pid file whose pid the kernel has since given to an unrelated process.
+pid_alive() {
+    local pidfile=$1 name=$2 pid comm
+    [[ -s $pidfile ]] || return 1
+    pid=$(tr -dc '0-9' <"$pidfile")
+    [[ -n $pid && -r /proc/$pid/comm ]] || return 1
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null || true)
+    [[ $comm == "$name"* ]]
+}
+
+die() {
+    echo "start.sh: ERROR: $1" >&2
+    shift
+    for f in "$@"; do
+        [[ -f $f ]] || continue
+        echo "----- last lines of $f -----" >&2
+        tail -n 25 "$f" >&2 || true
+    done
+    echo "All logs: $D/log/ (munged.log mariadb.log slurmdbd.log slurmctld.log slurmd.log)" >&2
+    exit 1
+}
+
+# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.3 s until it succeeds.
+wait_for() {
+    local secs=$1 what=$2; shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.3
+    done
+}
+
+# Refuse to start a daemon on a port someone else already listens on; the error says which knob to turn.
+port_free() {
+    local port=$1 var=$2
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        die "port $port is already in use by another program; choose another with $var=<port>"
+    fi
+}
+
+cluster_ok() {
+    pid_alive "$D/munge/munged.pid" munged &&
+        pid_alive "$D/mysql/mariadbd.pid" mariadbd &&
+        pid_alive "$D/run/slurmdbd.pid" slurmdbd &&
+        pid_alive "$D/run/slurmctld.pid" slurmctld &&
+        pid_alive "$D/run/slurmd.pid" slurmd &&
+        sinfo -h >/dev/null 2>&1
+}
+
+write_env() {
+    # Written atomically: a test fixture may be sourcing it at this moment.
+    cat >"$D/env.sh.tmp" <<EOF
+# Generated by slurm/testcluster/start.sh -- source this file to use the NeuCLIP test cluster.
+# SLURM_CONF is all the SLURM clients (sinfo, sbatch, srun, sacct, scontrol) and submitit need: slurm.conf
+# names the private munge socket (AuthInfo) and the slurmdbd port, so nothing else has to be exported.
+export NEUCLIP_SLURM_DIR='$D'
+export SLURM_CONF='$SLURM_CONF_FILE'
+# For the munge CLI only (munge -S "\$NEUCLIP_MUNGE_SOCKET" -n | unmunge -S ...); SLURM reads slurm.conf.
+export NEUCLIP_MUNGE_SOCKET='$MUNGE_SOCK'
+EOF
+    mv -f "$D/env.sh.tmp" "$D/env.sh"
+}
+
+T0=$SECONDS
+if cluster_ok; then
+    write_env
+    log "already running in $D (source $D/env.sh)"
+    exit 0
+fi
+
+# --- munge ----------------------------------------------------------------------------------------------
+if pid_alive "$D/munge/munged.pid" munged; then
+    log "munged already running"
+else
+    if [[ ! -s $D/munge/munge.key ]]; then
+        mungekey --create --keyfile="$D/munge/munge.key" >/dev/null
+    fi
+    chmod 600 "$D/munge/munge.key"
+    # A dead munged leaves its socket and lock file behind; they would make the new one refuse to start.
+    rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock" "$D/munge/munged.pid"
+    munged --key-file="$D/munge/munge.key" --socket="$MUNGE_SOCK" --pid-file="$D/munge/munged.pid" \
+        --log-file="$D/log/munged.log" --seed-file="$D/munge/munged.seed" </dev/null >/dev/null 2>&1 9>&- ||
+        die "munged failed to start" "$D/log/munged.log"
+    wait_for 15 "munge socket" test -S "$MUNGE_SOCK" || die "munge socket $MUNGE_SOCK never appeared" "$D/log/munged.log"
+    log "munged up"
+fi
+
+# --- MariaDB (private instance for slurmdbd) ------------------------------------------------------------
+DB_SOCK="$D/mysql/mysqld.sock"
+DB_PASS_FILE="$D/mysql/slurm_db_password"
+if [[ ! -s $DB_PASS_FILE ]]; then
+    (umask 077 && head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$DB_PASS_FILE")
+fi
+DB_PASS=$(cat "$DB_PASS_FILE")
+db() { mariadb --no-defaults --socket="$DB_SOCK" -uroot "$@"; }
+
+if pid_alive "$D/mysql/mariadbd.pid" mariadbd; then
+    log "mariadbd already running"
+else
+    if [[ ! -d $D/mysql/data/mysql ]]; then
+        # First start: create the system tables. root@localhost authenticates through the unix socket
+        # (we are root), so no root password has to be kept anywhere.
+        rm -rf "$D/mysql/data"
+        mysql_install_db --no-defaults --user=root --datadir="$D/mysql/data" \
+            --auth-root-authentication-method=socket --skip-test-db >"$D/log/mariadb-install.log" 2>&1 ||
+            die "mysql_install_db failed" "$D/log/mariadb-install.log"
+    fi
+    port_free "$DB_PORT" NEUCLIP_MARIADB_PORT
+    rm -f "$DB_SOCK" "$D/mysql/mariadbd.pid"
+    # innodb_lock_wait_timeout=900 is what slurmdbd asks for (it warns otherwise); the buffer pool is kept
+    # small because this database holds a few hundred test jobs at most.
+    setsid mariadbd --no-defaults --user=root --datadir="$D/mysql/data" --socket="$DB_SOCK" \
+        --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve \
+        --pid-file="$D/mysql/mariadbd.pid" --log-error="$D/log/mariadb.log" \
+        --innodb-buffer-pool-size=64M --innodb-log-file-size=16M --innodb-lock-wait-timeout=900 \
+        </dev/null >>"$D/log/mariadb.log" 2>&1 9>&- &
+    wait_for "$TIMEOUT" "mariadb" db -e 'SELECT 1' || die "MariaDB did not come up on $DB_SOCK" "$D/log/mariadb.log"
+    log "mariadbd up (127.0.0.1:$DB_PORT)"
+fi
+# Idempotent: (re)sets the password from the file, so a lost or changed password file is repaired too.
+# Only 127.0.0.1 is needed: slurmdbd connects over TCP and --skip-name-resolve matches by address.
+db -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+       ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+       GRANT ALL PRIVILEGES ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" ||
+    die "could not create the slurm database user" "$D/log/mariadb.log"
+
+# --- config files ---------------------------------------------------------------------------------------
+# Regenerated on every start, so edits to this script (or new ports) take effect after stop + start.
+NCPU=$(nproc)
+HW_MEM=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
+MEM=$((HW_MEM - 1024))
+((MEM >= 512)) || MEM=512
+
+(
+    umask 077
+    cat >"$D/etc/slurmdbd.conf" <<EOF
+# slurmdbd.conf for the NeuCLIP single-machine test cluster (generated by slurm/testcluster/start.sh).
+# slurmdbd insists on mode 600 and on being owned by SlurmUser, because StoragePass is in clear text.
+AuthType=auth/munge
+# Our private munge daemon, not the system one.
+AuthInfo=socket=$MUNGE_SOCK
+# "localhost" is accepted regardless of the machine's hostname.
+DbdHost=localhost
+DbdPort=$DBD_PORT
+SlurmUser=root
+DebugLevel=info
+LogFile=$D/log/slurmdbd.log
+PidFile=$D/run/slurmdbd.pid
+StorageType=accounting_storage/mysql
+# 127.0.0.1 (not "localhost") so the MySQL client uses TCP to our port, not /run/mysqld/mysqld.sock.
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$DB_PASS
+StorageLoc=slurm_acct_db
+EOF
+)
+chmod 600 "$D/etc/slurmdbd.conf"
+
+cat >"$D/etc/slurm.conf" <<EOF
+# slurm.conf for the NeuCLIP single-machine test cluster (generated by slurm/testcluster/start.sh;
+# edits here are overwritten on the next start). One node called "localhost", one partition "debug".
+ClusterName=$CLUSTER
+# "localhost" is special-cased by slurmctld, so the real hostname of the machine does not matter.
+SlurmctldHost=localhost
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+# Everything runs as root in a container: no slurm user, no privilege drops.
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCK
+# No cgroups in the container: track job processes by walking /proc, and bind nothing.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+# Schedule cores and memory (so several small jobs share the node) plus GPUs through --gpus*.
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+# Without a default, CR_Core_Memory gives a job without --mem the whole node's memory (jobs serialize).
+DefMemPerCPU=1024
+GresTypes=gpu
+MailProg=/bin/true
+# A node that was down (e.g. after a restart of the cluster) returns to service as soon as slurmd registers.
+ReturnToService=2
+# Short grace between SIGTERM and SIGKILL so cancels and requeues in tests are quick.
+KillWait=5
+SlurmctldTimeout=30
+SlurmdTimeout=60
+# Keep finished jobs visible to squeue/scontrol for 5 min (sacct keeps them forever).
+MinJobAge=300
+# State, spool, pid and log files all live in the state folder.
+StateSaveLocation=$D/state/ctld
+SlurmdSpoolDir=$D/spool/slurmd
+SlurmctldPidFile=$D/run/slurmctld.pid
+SlurmdPidFile=$D/run/slurmd.pid
+SlurmctldLogFile=$D/log/slurmctld.log
+SlurmdLogFile=$D/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# Accounting through slurmdbd, so sacct (and submitit's job-state polling, which calls sacct) work.
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+# Names the munge socket used to reach slurmdbd; without it the default system socket is used and fails.
+AccountingStoragePass=$MUNGE_SOCK
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
+JobCompType=jobcomp/none
+# The node: CPUs from nproc; RealMemory = slurmd -C ($HW_MEM MiB) minus 1 GiB headroom for the OS and
+# daemons; $FAKE_GPUS fake GPUs (see gres.conf) so --gpus-per-node jobs can be scheduled without a GPU.
+NodeName=localhost NodeHostname=localhost NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$MEM Gres=gpu:fake:$FAKE_GPUS State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+
+# Each fake GPU needs its OWN device path: slurmd 22.05 dies with "gpu duplicate device file name
+# (/dev/null)" when several gres.conf lines share File=/dev/null. So each one is a distinct symlink to the
+# harmless character device /dev/null (slurmd only stats it; task/none never restricts device access).
+rm -rf "$D/dev"
+mkdir -p "$D/dev"
+chmod 755 "$D/dev"
+for ((i = 0; i < FAKE_GPUS; i++)); do
+    ln -s /dev/null "$D/dev/fakegpu$i"
+done
+{
+    echo "# gres.conf for the NeuCLIP test cluster (generated by slurm/testcluster/start.sh)."
+    echo "# Fake GPUs exist for scheduling only: no autodetection (there is no NVML here), and each GPU"
+    echo "# is a distinct symlink to /dev/null (slurmd rejects duplicate File= paths). Jobs get"
+    echo "# CUDA_VISIBLE_DEVICES set as on a real cluster, but there is no GPU behind it."
+    echo "AutoDetect=off"
+    for ((i = 0; i < FAKE_GPUS; i++)); do
+        echo "NodeName=localhost Name=gpu Type=fake File=$D/dev/fakegpu$i"
+    done
+} >"$D/etc/gres.conf"
+
+# --- slurmdbd -------------------------------------------------------------------------------------------
+if pid_alive "$D/run/slurmdbd.pid" slurmdbd; then
+    log "slurmdbd already running"
+else
+    port_free "$DBD_PORT" NEUCLIP_SLURMDBD_PORT
+    rm -f "$D/run/slurmdbd.pid"
+    # Daemonizes itself (and closes stdio); reads $SLURM_CONF's folder for slurmdbd.conf.
+    slurmdbd </dev/null >>"$D/log/slurmdbd.log" 2>&1 9>&- || die "slurmdbd failed to start" "$D/log/slurmdbd.log"
+    # The first start creates the accounting tables, which takes a few seconds.
+    wait_for "$TIMEOUT" "slurmdbd" sacctmgr -n -P list cluster ||
+        die "slurmdbd did not answer within ${TIMEOUT}s" "$D/log/slurmdbd.log" "$D/log/mariadb.log"
+    log "slurmdbd up (localhost:$DBD_PORT)"
+fi
+# The cluster must be known to the database before slurmctld registers, or its jobs are not recorded.
+if ! sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER"; then
+    sacctmgr -i add cluster "$CLUSTER" >/dev/null || die "sacctmgr add cluster $CLUSTER failed" "$D/log/slurmdbd.log"
+fi
+
+# --- slurmctld ------------------------------------------------------------------------------------------
+if pid_alive "$D/run/slurmctld.pid" slurmctld; then
+    log "slurmctld already running; re-reading config"
+    scontrol reconfigure >/dev/null 2>&1 || true
+else
+    port_free "$CTLD_PORT" NEUCLIP_SLURMCTLD_PORT
+    rm -f "$D/run/slurmctld.pid"
+    slurmctld -f "$SLURM_CONF_FILE" -i </dev/null >>"$D/log/slurmctld.log" 2>&1 9>&- ||
+        die "slurmctld failed to start" "$D/log/slurmctld.log"
+    wait_for "$TIMEOUT" "slurmctld" scontrol ping ||
+        die "slurmctld did not answer within ${TIMEOUT}s" "$D/log/slurmctld.log"
+    log "slurmctld up (localhost:$CTLD_PORT)"
+fi
+
+# --- slurmd ---------------------------------------------------------------------------------------------
+if pid_alive "$D/run/slurmd.pid" slurmd; then
+    log "slurmd already running"
+else
+    port_free "$SLURMD_PORT" NEUCLIP_SLURMD_PORT
+    rm -f "$D/run/slurmd.pid"
+    # -N: the node name in slurm.conf, independent of the machine's hostname.
+    slurmd -f "$SLURM_CONF_FILE" -N localhost </dev/null >>"$D/log/slurmd.log" 2>&1 9>&- ||
+        die "slurmd failed to start" "$D/log/slurmd.log"
+    log "slurmd started"
+fi
+
+# --- wait for the node ----------------------------------------------------------------------------------
+node_state() { sinfo -h -N -n localhost -o %T 2>/dev/null | head -n1; }
+deadline=$((SECONDS + TIMEOUT))
+resumed=0
+while :; do
+    st=$(node_state || true)
+    [[ $st == idle || $st == mixed || $st == allocated ]] && break
+    # A node saved as down/drained by an earlier run (e.g. a crash) may need an explicit resume;
+    # do it once, after giving ReturnToService a few seconds.
+    if [[ $resumed == 0 && ($st == down* || $st == drain*) ]] && ((SECONDS > T0 + 5)); then
+        log "node is '$st'; resuming it"
+        scontrol update NodeName=localhost State=RESUME >/dev/null 2>&1 || true
+        resumed=1
+    fi
+    if ((SECONDS >= deadline)); then
+        die "node 'localhost' is '${st:-unknown}' after ${TIMEOUT}s, not idle (scontrol show node localhost)" \
+            "$D/log/slurmd.log" "$D/log/slurmctld.log"
+    fi
+    sleep 0.3
+done
+
+write_env
+log "cluster up in $((SECONDS - T0))s: partition debug, node localhost ($NCPU CPUs, ${MEM} MiB, $FAKE_GPUS fake GPUs)"
+log "logs in $D/log/; use it with: source $D/env.sh"
