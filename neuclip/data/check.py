@@ -24,7 +24,10 @@ from PIL import Image
 from neuclip.data.shards import ShardError, expand_pattern, iter_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SAMPLE_FIX = "rerun with --skip-bad to list the bad samples and skip them (training's skip-bad option does the same)"
+SAMPLE_FIX = (
+    "re-download or drop those samples, or rerun with --skip-bad to list what would be skipped "
+    "(a training loader set to skip bad samples drops the same ones, via drop_bad)"
+)
 SHARD_FIX = "regenerate or re-download this shard, or remove it from the pattern and from sizes.json"
 
 
@@ -74,9 +77,7 @@ def _exts(sample: dict) -> str:
     return ", ".join("." + k for k in sample if not k.startswith("__")) or "nothing"
 
 
-def drop_bad(
-    samples: Iterable[dict], on_bad: Callable[[dict, list[str]], None] | None = None
-) -> Iterator[dict]:
+def drop_bad(samples: Iterable[dict], on_bad: Callable[[dict, list[str]], None] | None = None) -> Iterator[dict]:
     """Filter for a webdataset pipeline (`.compose(drop_bad)`): pass good samples, report and drop the rest.
 
     Duplicate keys are caught within the stream this sees (one worker's shards).
@@ -152,7 +153,9 @@ def _expected_counts(path: Path, sizes_cache: dict) -> list[tuple[str, int | Non
         expected.append((str(folder / "sizes.json"), sizes_cache[folder].get(path.name)))
     stats = path.with_name(path.name.split(".")[0] + "_stats.json")
     if stats.exists():
-        expected.append((str(stats), json.loads(stats.read_text()).get("successes")))
+        successes = json.loads(stats.read_text()).get("successes")
+        if successes is not None:  # img2dataset counts written samples as successes
+            expected.append((str(stats), successes))
     return expected
 
 
@@ -172,8 +175,8 @@ def check_shards(pattern: str, skip_bad: bool = False) -> Report:
         def add(key, reason, summary=summary):
             report.problems.append(Problem(summary.path, key, reason))
 
+        summary.bytes = path.stat().st_size if path.is_file() else 0
         try:
-            summary.bytes = path.stat().st_size
             for sample in iter_samples(path):
                 summary.samples += 1
                 key = sample["__key__"]
