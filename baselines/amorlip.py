@@ -94,12 +94,15 @@ class AmorLIP(LearnableTemperature, Estimator):
             targets = []
             for prev, log_g in ((prev1, log_g1), (prev2, log_g2)):
                 batch_target = gather_no_grad(log_g.detach()).to(prev.dtype)
-                mixed = (
-                    torch.logaddexp(prev + math.log(beta), batch_target + math.log1p(-beta))
-                    if beta > 0
-                    else batch_target
-                )
-                targets.append(mixed)
+                if beta > 0:
+                    batch_target = torch.logaddexp(prev + math.log(beta), batch_target + math.log1p(-beta))
+                targets.append(batch_target)
+            if int(self.iteration) == 0:
+                # (choice) data-dependent init: start both nets at the first batch's mean log-normaliser, else
+                # exp(l - log lambda) ~ e^14 at tau = 0.07 and the first encoder steps explode.
+                for net in (self.online, self.target):
+                    net.net1.head.bias.fill_(float(targets[0].mean()))
+                    net.net2.head.bias.fill_(float(targets[1].mean()))
         opt = self.inner_optimizer()
         for _ in range(int(self.cfg["inner_steps"])):
             opt.zero_grad(set_to_none=True)
