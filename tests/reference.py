@@ -6,7 +6,6 @@ inputs are kept moderate (tau >= 0.05 and unit vectors) so exp() cannot overflow
 
 from __future__ import annotations
 
-
 import torch
 
 
