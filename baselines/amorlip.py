@@ -104,11 +104,12 @@ class AmorLIP(LearnableTemperature, Estimator):
                     net.net1.head.bias.fill_(float(targets[0].mean()))
                     net.net2.head.bias.fill_(float(targets[1].mean()))
         opt = self.inner_optimizer()
-        for _ in range(int(self.cfg["inner_steps"])):
-            opt.zero_grad(set_to_none=True)
-            pred1, pred2 = self.online(all_image, all_text, None, None, eps)
-            (((pred1 - targets[0]) ** 2).mean() + ((pred2 - targets[1]) ** 2).mean()).backward()
-            opt.step()
+        with torch.enable_grad():  # the inner block trains even when the caller runs under no_grad (shadows)
+            for _ in range(int(self.cfg["inner_steps"])):
+                opt.zero_grad(set_to_none=True)
+                pred1, pred2 = self.online(all_image, all_text, None, None, eps)
+                (((pred1 - targets[0]) ** 2).mean() + ((pred2 - targets[1]) ** 2).mean()).backward()
+                opt.step()
         with torch.no_grad():
             decay = self.cfg["ema_decay"]
             for p_t, p_o in zip(self.target.parameters(), self.online.parameters()):

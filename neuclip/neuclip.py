@@ -162,11 +162,12 @@ class NeuCLIP(LearnableTemperature, Estimator):
         if not simultaneous:
             targets = gather_no_grad(log_g1.detach()), gather_no_grad(log_g2.detach())
             opt = self.inner_optimizer()
-            for _ in range(int(self.cfg["inner_steps"])):
-                opt.zero_grad(set_to_none=True)
-                a1, a2 = self.npn(all_image, all_text, all_pos, 1.0 / tau_now, eps)
-                self.npn_loss(*targets, a1, a2, tau_now).backward()
-                opt.step()
+            with torch.enable_grad():  # the NPN block trains even when the caller runs under no_grad (shadows)
+                for _ in range(int(self.cfg["inner_steps"])):
+                    opt.zero_grad(set_to_none=True)
+                    a1, a2 = self.npn(all_image, all_text, all_pos, 1.0 / tau_now, eps)
+                    self.npn_loss(*targets, a1, a2, tau_now).backward()
+                    opt.step()
         self.iteration += 1
 
         local = slice(view.offset, view.offset + batch.image.shape[0])

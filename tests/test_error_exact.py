@@ -1,0 +1,62 @@
+"""The exact streaming normaliser against brute force in float64, and independence from chunking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tests.reference as ref
+from neuclip.error_study.estimates import error_metrics, minibatch_log_normalizers
+from neuclip.error_study.exact import exact_log_normalizers
+
+
+@pytest.mark.parametrize("n,d,tau", [(9, 4, 0.1), (40, 8, 0.07), (33, 16, 0.2)])
+def test_exact_equals_brute_force_float64(n, d, tau):
+    gen = torch.Generator().manual_seed(n)
+    e1, e2 = ref.correlated_pair(n, d, gen)
+    a1, a2 = exact_log_normalizers(e1, e2, tau, 1e-8, chunk=7, anchor_block=5)
+    torch.testing.assert_close(a1, torch.log(1e-8 + ref.g_hat(e1, e2, tau)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(a2, torch.log(1e-8 + ref.g_hat(e2, e1, tau)), rtol=1e-12, atol=0)
+
+
+def test_chunking_and_anchor_subsets_do_not_change_results():
+    gen = torch.Generator().manual_seed(0)
+    e1, e2 = (x.float() for x in ref.correlated_pair(3000, 32, gen))
+    anchors = torch.randperm(3000, generator=gen)[:257]
+    base = exact_log_normalizers(
+        e1, e2, 0.05, 1e-14, anchors=anchors, chunk=3000, anchor_block=257, accumulate="float64"
+    )
+    for chunk, block, acc in [(64, 16, "float32"), (1000, 100, "float64"), (2999, 1, "float32")]:
+        out = exact_log_normalizers(
+            e1, e2, 0.05, 1e-14, anchors=anchors, chunk=chunk, anchor_block=block, accumulate=acc
+        )
+        for got, want in zip(out, base):
+            rel = ((got.double() - want) / want.abs()).abs().max()
+            assert rel <= 1e-6, (chunk, block, acc, float(rel))
+
+
+def test_no_overflow_at_small_temperature():
+    x = torch.nn.functional.normalize(torch.randn(100, 8), dim=1)
+    a1, a2 = exact_log_normalizers(x, -x, 0.01, 1e-14)  # h up to 200
+    assert torch.isfinite(a1).all() and torch.isfinite(a2).all() and a1.max() > 150
+
+
+def test_minibatch_error_falls_as_batch_grows():
+    gen = torch.Generator().manual_seed(1)
+    e1, e2 = ref.correlated_pair(4096, 16, gen, noise=0.8)
+    e1, e2 = e1.float(), e2.float()
+    anchors = torch.arange(0, 4096, 4)
+    exact = exact_log_normalizers(e1, e2, 0.1, 1e-14, anchors=anchors)
+    errors = []
+    for batch in (8, 64, 512):
+        est = minibatch_log_normalizers(e1, e2, 0.1, 1e-14, batch, anchors, torch.Generator().manual_seed(2))
+        errors.append(error_metrics(est[0], exact[0])["mse_log"])
+    assert errors[0] > 2 * errors[1] > 4 * errors[2], errors
+
+
+def test_error_metrics_ignore_missing_estimates():
+    m = error_metrics(torch.tensor([math.nan, 1.0, 2.0]), torch.tensor([0.0, 1.0, 1.0]))
+    assert m["mse_log"] == pytest.approx(0.5) and m["coverage"] == pytest.approx(2 / 3)
+    assert m["mean_rel_err"] == pytest.approx((math.e - 1) / 2)
