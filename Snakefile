@@ -1,0 +1,51 @@
+# neuclip-bench: the whole experiment on one page.
+#
+#   snakemake -c2 all                                     # the tiny default, on this machine (minutes)
+#   snakemake --profile slurm all --configfile workflows/configs/paper.yaml   # the paper grid on SLURM
+#
+# Stages: data (synthesise or check) -> train (neuclip train, through the launcher) -> eval (clip_benchmark)
+# -> error study (shadow estimators) -> report (tables and plots). Every rule runs a `neuclip` command a
+# person can run by hand. Snakemake tracks small final files (done.json, summary.json), never checkpoint
+# folders: it deletes a failed job's declared outputs, and the trainer resumes from its own checkpoints.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+configfile: "workflows/configs/tiny.yaml"
+
+
+validate(config, "workflows/schema.yaml")
+
+import neuclip.workflow as wf
+
+RUNS = wf.runs(config)
+RUNS_BY_KEY = {r.key: r for r in RUNS}
+EXP_RUNS = str(wf.experiment_dir(config, "runs"))
+EXP_RESULTS = str(wf.experiment_dir(config, "results"))
+
+
+include: "workflows/data.smk"
+include: "workflows/train.smk"
+include: "workflows/eval.smk"
+include: "workflows/error.smk"
+include: "workflows/report.smk"
+
+
+rule all:
+    input:
+        rules.report.output,
+
+
+rule tables:
+    input:
+        rules.report.output,
+
+
+rule error_study:
+    input:
+        error_study_outputs(),
+
+
+rule ablations:
+    input:
+        [eval_summary(r, s) for r in wf.ablation_runs(config) for s in wf.eval_suites(config, r.dataset)],

@@ -1,0 +1,171 @@
+"""The experiment grid behind the Snakefile: which runs exist and the exact `neuclip train` config of each.
+
+Kept in the package (not in the .smk files) so it is linted, unit-tested and usable from Python. A run is
+(dataset, method, variant, seed); `variant` is "default" or an ablation label. Paths:
+
+    <runs_dir>/<experiment>/<dataset>/<method>/<variant>/seed<seed>/          the training run folder
+        done.json, model/, eval/<suite>/summary.json, ...
+    <runs_dir>/<experiment>/configs/<dataset>/<method>/<variant>/seed<seed>.yaml   its train config
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+REGISTRY = REPO / "workflows" / "datasets.yaml"
+
+
+@dataclass(frozen=True)
+class Run:
+    dataset: str
+    method: str
+    variant: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.method}/{self.variant}/seed{self.seed}"
+
+
+def deep_merge(base: dict, update: dict | None) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def registry(config: dict) -> dict:
+    """The data-set registry with this config's site overrides applied."""
+    reg = yaml.safe_load(REGISTRY.read_text())
+    for name, override in (config.get("dataset_overrides") or {}).items():
+        if name not in reg:
+            raise KeyError(f"dataset_overrides: unknown data set {name!r}; known: {', '.join(reg)}")
+        reg[name] = deep_merge(reg[name], override)
+    return reg
+
+
+def experiment_dir(config: dict, kind: str = "runs") -> Path:
+    return Path(config[f"{kind}_dir"]) / config["experiment"]
+
+
+def synthetic_dir(config: dict) -> Path:
+    return Path(config["data_root"]) / "synthetic" / config["experiment"]
+
+
+def per_dataset(config: dict, dataset: str) -> dict:
+    return (config.get("per_dataset") or {}).get(dataset) or {}
+
+
+def seeds_for(config: dict, dataset: str) -> list[int]:
+    return per_dataset(config, dataset).get("seeds", config.get("seeds", [0]))
+
+
+def runs(config: dict, ablations: bool = True) -> list[Run]:
+    out = [Run(d, m, "default", s) for d in config["datasets"] for m in config["methods"] for s in seeds_for(config, d)]
+    abl = config.get("ablations") or {}
+    if ablations and abl:
+        for d in abl.get("datasets", []):
+            for label in abl.get("variants", {}):
+                for s in abl.get("seeds", seeds_for(config, d)):
+                    out.append(Run(d, abl.get("method", "neuclip"), label, s))
+    return out
+
+
+def ablation_runs(config: dict) -> list[Run]:
+    return [r for r in runs(config) if r.variant != "default"]
+
+
+def run_dir(config: dict, run: Run) -> Path:
+    return experiment_dir(config) / run.dataset / run.method / run.variant / f"seed{run.seed}"
+
+
+def config_path(config: dict, run: Run) -> Path:
+    return experiment_dir(config) / "configs" / run.dataset / run.method / run.variant / f"seed{run.seed}.yaml"
+
+
+def eval_suites(config: dict, dataset: str) -> list[str]:
+    suites = (config.get("eval") or {}).get("suites")
+    return suites if suites else registry(config)[dataset].get("eval_suites", [])
+
+
+def eval_data_root(config: dict, dataset: str) -> str:
+    if registry(config)[dataset].get("generated"):
+        return str(synthetic_dir(config) / "eval")
+    return str(config.get("eval_data_root", "data/eval"))
+
+
+def data_marker(config: dict, dataset: str) -> Path:
+    """The small file that says a data set is ready (generated, or checked when `check_data` is on)."""
+    if registry(config)[dataset].get("generated"):
+        return synthetic_dir(config) / "manifest.json"
+    return experiment_dir(config) / "data" / f"{dataset}.ready"
+
+
+def shards(config: dict, dataset: str) -> str:
+    entry = registry(config)[dataset]
+    if entry.get("generated"):
+        n = int(config["synthetic"]["num_train"])
+        size = int(config["synthetic"].get("shard_size", 1024))
+        last = (n + size - 1) // size - 1
+        return str(synthetic_dir(config) / "train" / f"{{00000..{last:05d}}}.tar")
+    pattern = entry["shards"]
+    return pattern if Path(pattern).is_absolute() else str(Path(config["data_root"]) / pattern)
+
+
+def method_options(config: dict, run: Run) -> dict:
+    """Options for the estimator: shared knobs it knows (rho, lr_tau, ...), then explicit per-method ones."""
+    from neuclip.estimators.registry import estimator_class
+
+    known = estimator_class(run.method).defaults
+    ds = per_dataset(config, run.dataset)
+    common = deep_merge(config.get("common_options") or {}, ds.get("common_options"))
+    opts = {k: v for k, v in common.items() if k in known}
+    opts = deep_merge(opts, (config.get("method_options") or {}).get(run.method))
+    opts = deep_merge(opts, (ds.get("method_options") or {}).get(run.method))
+    if run.variant != "default":
+        opts = deep_merge(opts, config["ablations"]["variants"][run.variant])
+    if "seed" in known:
+        opts.setdefault("seed", run.seed)
+    return opts
+
+
+def train_config(config: dict, run: Run) -> dict:
+    """The complete `neuclip train` config for one run."""
+    ds = per_dataset(config, run.dataset)
+    entry = registry(config)[run.dataset]
+    if entry.get("generated"):
+        num_samples = data_size = int(config["synthetic"]["num_train"])
+    else:
+        num_samples, data_size = entry.get("num_samples"), entry.get("data_size")
+    launcher = deep_merge(config.get("resources") or {}, ds.get("resources"))
+    launcher["executor"] = config.get("launcher", "inprocess")
+    if config.get("slurm_site"):
+        launcher["site"] = str(config["slurm_site"])
+    return {
+        "run_dir": str(run_dir(config, run)),
+        "seed": run.seed,
+        "model": ds.get("model", config.get("model", "tiny-vit")),
+        "data": deep_merge(
+            {"train_shards": shards(config, run.dataset), "train_num_samples": num_samples, "data_size": data_size},
+            deep_merge(config.get("data_loader") or {}, ds.get("data_loader")),
+        ),
+        "method": {"name": run.method, "options": method_options(config, run)},
+        "train": deep_merge(config.get("train") or {}, ds.get("train")),
+        "launcher": launcher,
+        "meta": {
+            "experiment": config["experiment"],
+            "dataset": run.dataset,
+            "method": run.method,
+            "variant": run.variant,
+            "seed": run.seed,
+            "scale": config.get("scale", "paper"),
+        },
+    }

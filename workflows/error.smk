@@ -1,0 +1,25 @@
+# The normaliser-error study: a shadow-estimator sweep over n and B (see neuclip/error_study/sweep.py).
+
+ERROR_DIR = f"{EXP_RUNS}/error_study"
+ERROR_FILES = ["errors.csv", "stress.csv", "stress.md", "error_vs_ratio.png", "error_over_steps.png"]
+
+
+def error_study_outputs():
+    return [f"{ERROR_DIR}/{f}" for f in ERROR_FILES] if config.get("error_study") else []
+
+
+rule error_sweep:
+    output:
+        [f"{ERROR_DIR}/{f}" for f in ERROR_FILES],
+    params:
+        sweep=config.get("error_study"),
+    log:
+        f"{EXP_RUNS}/logs/error_sweep.log",
+    threads: 2
+    run:
+        import yaml
+        from pathlib import Path
+
+        Path(ERROR_DIR).mkdir(parents=True, exist_ok=True)
+        Path(f"{ERROR_DIR}/sweep.yaml").write_text(yaml.safe_dump(params.sweep, sort_keys=False))
+        shell("neuclip error sweep {ERROR_DIR}/sweep.yaml --out {ERROR_DIR} --jobs {threads} > {log:q} 2>&1")
