@@ -11,7 +11,11 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-configfile: "workflows/configs/tiny.yaml"
+# The tiny config is the default only when no --configfile names an experiment: a `configfile:` directive
+# would otherwise be merged *under* the user's file and leak tiny settings into the paper grid.
+if "experiment" not in config:
+
+    configfile: "workflows/configs/tiny.yaml"
 
 
 validate(config, "workflows/schema.yaml")

@@ -69,7 +69,12 @@ def seeds_for(config: dict, dataset: str) -> list[int]:
 
 
 def runs(config: dict, ablations: bool = True) -> list[Run]:
-    out = [Run(d, m, "default", s) for d in config["datasets"] for m in config["methods"] for s in seeds_for(config, d)]
+    out = [
+        Run(d, m, "default", s)
+        for d in config.get("datasets", [])
+        for m in config.get("methods", [])
+        for s in seeds_for(config, d)
+    ]
     abl = config.get("ablations") or {}
     if ablations and abl:
         for d in abl.get("datasets", []):

@@ -19,26 +19,39 @@
 #   NEUCLIP_MARIADB_PORT=16306
 # Other knobs: NEUCLIP_SLURM_FAKE_GPUS=2 (fake GPUs for scheduling), NEUCLIP_SLURM_START_TIMEOUT=60 (s).
 #
-# Traps hit while writing this (kept here so nobody has to rediscover them):
-#  - munged refuses a socket folder (or any parent) that is not world-executable, and clients cannot
-#    reach the socket either; the state folder is therefore created mode 755.
-#  - Without AccountingStoragePass=<munge socket> in slurm.conf, slurmctld and sacct authenticate to slurmdbd
-#    through the DEFAULT munge socket (/run/munge/...), which does not exist: "Protocol authentication error".
-#  - StorageHost=localhost makes the MySQL client library use its compiled-in unix socket
+# Traps. [seen] = hit on this machine while writing this script; [doc] = recorded in docs/ECOSYSTEM.md or
+# documented SLURM/MariaDB behaviour, guarded against up front.
+#  - [seen] slurmd 22.05 dies with "gpu duplicate device file name (/dev/null)" when several gres.conf lines
+#    share File=/dev/null: each fake GPU is a distinct symlink STATE_DIR/dev/fakegpuN -> /dev/null.
+#  - [seen] A requeued job may only start again cred_expire+1 s later (default 120 s), and only the periodic
+#    schedulers notice (main every 60 s, backfill every 30 s): a requeue took 2.5 min. cred_expire=10 and
+#    sched_interval=2,bf_interval=1 bring it down to ~13 s.
+#  - [seen] In these VMs PID 1 reaps orphaned zombies only after ~2 s: a stopped daemon lingers in /proc
+#    as state Z. Liveness checks treat Z as dead (otherwise each stop waited 2 s per daemon).
+#  - [seen] With slurmctld down, sinfo retries for ~9 s before failing; scontrol ping fails at once. The
+#    "is it running" checks look at pid files first.
+#  - [seen] Jobs that were running when the whole cluster was killed (-9) come back FAILED ("Job credential
+#    revoked") after a restart; restarting itself works from such a dirty folder.
+#  - [doc] munged refuses a socket folder (or parent) that is not world-executable, and clients could not
+#    reach the socket either: the state folder and munge/ are mode 755.
+#  - [doc] Without AccountingStoragePass=<munge socket> in slurm.conf, slurmctld and sacct authenticate to
+#    slurmdbd through the DEFAULT munge socket (/run/munge/...), which does not exist here.
+#  - [doc] StorageHost=localhost makes the MySQL client library use its compiled-in unix socket
 #    (/run/mysqld/mysqld.sock) and ignore StoragePort; 127.0.0.1 forces TCP to our private server.
-#  - slurmdbd has no -f option: it reads slurmdbd.conf from the folder of $SLURM_CONF, and refuses to start
-#    unless that file is mode 600 and owned by SlurmUser. gres.conf is likewise looked up next to slurm.conf.
-#  - mariadbd does not daemonize: it is started with setsid and all three std streams redirected, otherwise
-#    a caller that captures output (pytest's subprocess.run) waits forever for the pipe to close.
-#  - mariadbd refuses to run as root unless given --user=root; --no-defaults keeps /etc/mysql/my.cnf (which
-#    points at the system datadir and socket) out of the way.
-#  - With SelectTypeParameters=CR_Core_Memory a job without --mem asks for the whole node's memory, so jobs
+#  - [doc] slurmdbd has no -f option: it reads slurmdbd.conf from the folder of $SLURM_CONF and refuses a
+#    file that is not mode 600 / owned by SlurmUser. gres.conf is likewise looked up next to slurm.conf.
+#  - [doc] mariadbd does not daemonize: it is started with setsid and all std streams redirected, otherwise a
+#    caller capturing output (pytest's subprocess.run) would wait forever for the pipe to close. For the same
+#    reason every daemon is started with the start/stop lock's fd 9 closed (9>&-).
+#  - [doc] mariadbd refuses to run as root unless given --user=root; --no-defaults keeps /etc/mysql/my.cnf
+#    (the system datadir and socket) out of the way.
+#  - [doc] With SelectTypeParameters=CR_Core_Memory a job without --mem gets the whole node's memory, so jobs
 #    would run one at a time; DefMemPerCPU gives them a small default instead.
-#  - slurmctld is started WITHOUT -c (clear state): with -c job ids restart at 1 while the accounting database
-#    still holds the old job 1, 2, ..., so sacct -j (and submitit's state polling) can read a stale record
-#    and a reused submitit folder mixes two jobs. -i lets it start past a state file left by a crash.
-#  - Snapshot RealMemory from `slurmd -C` minus 1 GiB: if slurm.conf claims more memory than the node has,
-#    slurmd registers "Low RealMemory" and the node is drained.
+#  - [doc] slurmctld is started WITHOUT -c (clear state): with -c job ids restart at 1 while the accounting
+#    database still holds the old job 1, 2, ..., so sacct -j (and submitit's state polling) may read a stale
+#    record and a reused submitit folder mixes two jobs. -i lets it start past a state file left by a crash.
+#  - [doc] RealMemory is `slurmd -C` minus 1 GiB: a node claiming more memory than it has is drained.
+#  - [doc] Fake GPUs are for scheduling only: jobs get CUDA_VISIBLE_DEVICES, but there is no device.
 set -euo pipefail
 
 STATE_DIR="${1:-${NEUCLIP_SLURM_DIR:-/tmp/neuclip-slurm}}"
@@ -49,6 +62,14 @@ DB_PORT="${NEUCLIP_MARIADB_PORT:-16306}"
 FAKE_GPUS="${NEUCLIP_SLURM_FAKE_GPUS:-2}"
 TIMEOUT="${NEUCLIP_SLURM_START_TIMEOUT:-60}"
 CLUSTER=neuclip
+for pv in "NEUCLIP_SLURMCTLD_PORT=$CTLD_PORT" "NEUCLIP_SLURMD_PORT=$SLURMD_PORT" \
+    "NEUCLIP_SLURMDBD_PORT=$DBD_PORT" "NEUCLIP_MARIADB_PORT=$DB_PORT"; do
+    p=${pv#*=}
+    if ! [[ $p =~ ^[0-9]+$ ]] || ((p < 1 || p > 65535)); then
+        echo "start.sh: $pv is not a TCP port number (1-65535)" >&2
+        exit 2
+    fi
+done
 
 log() { echo "[testcluster] $*"; }
 
@@ -57,6 +78,8 @@ mkdir -p "$STATE_DIR"
 STATE_DIR="$(cd "$STATE_DIR" && pwd)"
 D="$STATE_DIR"
 
+# The daemons live in /usr/sbin, which a non-root PATH lacks.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 for bin in munged mungekey mariadbd mysql_install_db mariadb slurmdbd slurmctld slurmd sinfo sacctmgr scontrol; do
     command -v "$bin" >/dev/null || { echo "start.sh: '$bin' not found; run .ci/install_debs.sh first" >&2; exit 2; }
 done
@@ -78,6 +101,9 @@ exec 9>"$D/.lock"
 flock -w 180 9 || { echo "start.sh: another start/stop holds $D/.lock" >&2; exit 1; }
 
 # --- helpers --------------------------------------------------------------------------------------------
+# A daemon that exited stays a zombie until PID 1 reaps it, which in these VMs takes ~2 s; it is dead to us.
+is_zombie() { [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) == Z ]]; }
+
 # pid_alive PIDFILE NAME: true when the pid in PIDFILE is running AND is the expected program. The name
 # check guards against a stale pid file whose pid the kernel has since given to an unrelated process.
 pid_alive() {
@@ -86,7 +112,7 @@ pid_alive() {
     pid=$(tr -dc '0-9' <"$pidfile")
     [[ -n $pid && -r /proc/$pid/comm ]] || return 1
     comm=$(cat "/proc/$pid/comm" 2>/dev/null || true)
-    [[ $comm == "$name"* ]]
+    [[ $comm == "$name"* ]] && ! is_zombie "$pid"
 }
 
 die() {
@@ -101,11 +127,14 @@ die() {
     exit 1
 }
 
-# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.3 s until it succeeds.
+# quiet COMMAND...: run it with its output discarded (for polling loops).
+quiet() { "$@" >/dev/null 2>&1; }
+
+# wait_for SECONDS COMMAND...: poll COMMAND every 0.3 s until it succeeds; false on timeout.
 wait_for() {
-    local secs=$1 what=$2; shift 2
+    local secs=$1; shift
     local deadline=$((SECONDS + secs))
-    until "$@" >/dev/null 2>&1; do
+    until "$@"; do
         ((SECONDS < deadline)) || return 1
         sleep 0.3
     done
@@ -149,6 +178,13 @@ if cluster_ok; then
     exit 0
 fi
 
+# Check every port a daemon we are about to start needs, before starting anything, so a clash does not
+# leave a half-started cluster behind.
+pid_alive "$D/mysql/mariadbd.pid" mariadbd || port_free "$DB_PORT" NEUCLIP_MARIADB_PORT
+pid_alive "$D/run/slurmdbd.pid" slurmdbd || port_free "$DBD_PORT" NEUCLIP_SLURMDBD_PORT
+pid_alive "$D/run/slurmctld.pid" slurmctld || port_free "$CTLD_PORT" NEUCLIP_SLURMCTLD_PORT
+pid_alive "$D/run/slurmd.pid" slurmd || port_free "$SLURMD_PORT" NEUCLIP_SLURMD_PORT
+
 # --- munge ----------------------------------------------------------------------------------------------
 if pid_alive "$D/munge/munged.pid" munged; then
     log "munged already running"
@@ -162,7 +198,7 @@ else
     munged --key-file="$D/munge/munge.key" --socket="$MUNGE_SOCK" --pid-file="$D/munge/munged.pid" \
         --log-file="$D/log/munged.log" --seed-file="$D/munge/munged.seed" </dev/null >/dev/null 2>&1 9>&- ||
         die "munged failed to start" "$D/log/munged.log"
-    wait_for 15 "munge socket" test -S "$MUNGE_SOCK" || die "munge socket $MUNGE_SOCK never appeared" "$D/log/munged.log"
+    wait_for 15 test -S "$MUNGE_SOCK" || die "munge socket $MUNGE_SOCK never appeared" "$D/log/munged.log"
     log "munged up"
 fi
 
@@ -186,7 +222,6 @@ else
             --auth-root-authentication-method=socket --skip-test-db >"$D/log/mariadb-install.log" 2>&1 ||
             die "mysql_install_db failed" "$D/log/mariadb-install.log"
     fi
-    port_free "$DB_PORT" NEUCLIP_MARIADB_PORT
     rm -f "$DB_SOCK" "$D/mysql/mariadbd.pid"
     # innodb_lock_wait_timeout=900 is what slurmdbd asks for (it warns otherwise); the buffer pool is kept
     # small because this database holds a few hundred test jobs at most.
@@ -195,7 +230,10 @@ else
         --pid-file="$D/mysql/mariadbd.pid" --log-error="$D/log/mariadb.log" \
         --innodb-buffer-pool-size=64M --innodb-log-file-size=16M --innodb-lock-wait-timeout=900 \
         </dev/null >>"$D/log/mariadb.log" 2>&1 9>&- &
-    wait_for "$TIMEOUT" "mariadb" db -e 'SELECT 1' || die "MariaDB did not come up on $DB_SOCK" "$D/log/mariadb.log"
+    DB_BG=$!
+    # Fail fast when mariadbd exits (bad option, datadir problem) instead of waiting out the timeout.
+    db_ready() { quiet db -e 'SELECT 1' || { kill -0 "$DB_BG" 2>/dev/null || die "mariadbd exited" "$D/log/mariadb.log"; false; }; }
+    wait_for "$TIMEOUT" db_ready || die "MariaDB did not come up on $DB_SOCK" "$D/log/mariadb.log"
     log "mariadbd up (127.0.0.1:$DB_PORT)"
 fi
 # Idempotent: (re)sets the password from the file, so a lost or changed password file is repaired too.
@@ -251,7 +289,10 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCK
+# cred_expire also sets how long a requeued job waits before it may start again (BeginTime = requeue +
+# cred_expire + 1): the default 120 s made every requeue test take 2.5 min. 10 s is still ample for a job
+# step to launch on an idle test node.
+AuthInfo=socket=$MUNGE_SOCK,cred_expire=10
 # No cgroups in the container: track job processes by walking /proc, and bind nothing.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -261,6 +302,10 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Without a default, CR_Core_Memory gives a job without --mem the whole node's memory (jobs serialize).
 DefMemPerCPU=1024
+# Pending jobs whose BeginTime has passed (requeued jobs) are only picked up by the periodic schedulers;
+# the defaults (main every 60 s, backfill every 30 s) add up to a minute of idle waiting in tests.
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=1
 GresTypes=gpu
 MailProg=/bin/true
 # A node that was down (e.g. after a restart of the cluster) returns to service as soon as slurmd registers.
@@ -286,6 +331,8 @@ AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
 # Names the munge socket used to reach slurmdbd; without it the default system socket is used and fails.
 AccountingStoragePass=$MUNGE_SOCK
+# Also record GPUs (fake ones here) in the accounting database, as a real GPU cluster would.
+AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
@@ -298,7 +345,7 @@ EOF
 # Each fake GPU needs its OWN device path: slurmd 22.05 dies with "gpu duplicate device file name
 # (/dev/null)" when several gres.conf lines share File=/dev/null. So each one is a distinct symlink to the
 # harmless character device /dev/null (slurmd only stats it; task/none never restricts device access).
-rm -rf "$D/dev"
+rm -rf "${D:?}/dev"
 mkdir -p "$D/dev"
 chmod 755 "$D/dev"
 for ((i = 0; i < FAKE_GPUS; i++)); do
@@ -319,12 +366,11 @@ done
 if pid_alive "$D/run/slurmdbd.pid" slurmdbd; then
     log "slurmdbd already running"
 else
-    port_free "$DBD_PORT" NEUCLIP_SLURMDBD_PORT
     rm -f "$D/run/slurmdbd.pid"
     # Daemonizes itself (and closes stdio); reads $SLURM_CONF's folder for slurmdbd.conf.
     slurmdbd </dev/null >>"$D/log/slurmdbd.log" 2>&1 9>&- || die "slurmdbd failed to start" "$D/log/slurmdbd.log"
     # The first start creates the accounting tables, which takes a few seconds.
-    wait_for "$TIMEOUT" "slurmdbd" sacctmgr -n -P list cluster ||
+    wait_for "$TIMEOUT" quiet sacctmgr -n -P list cluster ||
         die "slurmdbd did not answer within ${TIMEOUT}s" "$D/log/slurmdbd.log" "$D/log/mariadb.log"
     log "slurmdbd up (localhost:$DBD_PORT)"
 fi
@@ -338,11 +384,10 @@ if pid_alive "$D/run/slurmctld.pid" slurmctld; then
     log "slurmctld already running; re-reading config"
     scontrol reconfigure >/dev/null 2>&1 || true
 else
-    port_free "$CTLD_PORT" NEUCLIP_SLURMCTLD_PORT
     rm -f "$D/run/slurmctld.pid"
     slurmctld -f "$SLURM_CONF_FILE" -i </dev/null >>"$D/log/slurmctld.log" 2>&1 9>&- ||
         die "slurmctld failed to start" "$D/log/slurmctld.log"
-    wait_for "$TIMEOUT" "slurmctld" scontrol ping ||
+    wait_for "$TIMEOUT" quiet scontrol ping ||
         die "slurmctld did not answer within ${TIMEOUT}s" "$D/log/slurmctld.log"
     log "slurmctld up (localhost:$CTLD_PORT)"
 fi
@@ -351,7 +396,6 @@ fi
 if pid_alive "$D/run/slurmd.pid" slurmd; then
     log "slurmd already running"
 else
-    port_free "$SLURMD_PORT" NEUCLIP_SLURMD_PORT
     rm -f "$D/run/slurmd.pid"
     # -N: the node name in slurm.conf, independent of the machine's hostname.
     slurmd -f "$SLURM_CONF_FILE" -N localhost </dev/null >>"$D/log/slurmd.log" 2>&1 9>&- ||

@@ -24,6 +24,9 @@ log() { echo "[testcluster] $*"; }
 exec 9>"$D/.lock"
 flock -w 180 9 || { echo "stop.sh: another start/stop holds $D/.lock" >&2; exit 1; }
 
+# A daemon that exited stays a zombie until PID 1 reaps it, which in these VMs takes ~2 s; it is dead to us.
+is_zombie() { [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) == Z ]]; }
+
 # Same check as start.sh: the pid must be alive AND be the program we expect (stale pid files are common
 # after a crash, and the kernel may have handed that pid to something else).
 live_pid() {
@@ -32,7 +35,7 @@ live_pid() {
     pid=$(tr -dc '0-9' <"$pidfile")
     [[ -n $pid && -r /proc/$pid/comm ]] || return 1
     comm=$(cat "/proc/$pid/comm" 2>/dev/null || true)
-    [[ $comm == "$name"* ]] || return 1
+    [[ $comm == "$name"* ]] && ! is_zombie "$pid" || return 1
     echo "$pid"
 }
 
@@ -42,10 +45,10 @@ stop_daemon() {
     if pid=$(live_pid "$pidfile" "$name"); then
         kill -TERM "$pid" 2>/dev/null || true
         for ((i = 0; i < grace * 5; i++)); do
-            [[ -e /proc/$pid ]] || break
+            if [[ ! -e /proc/$pid ]] || is_zombie "$pid"; then break; fi
             sleep 0.2
         done
-        if [[ -e /proc/$pid ]]; then
+        if [[ -e /proc/$pid ]] && ! is_zombie "$pid"; then
             log "$name (pid $pid) ignored SIGTERM for ${grace}s; killing it"
             kill -KILL "$pid" 2>/dev/null || true
             sleep 0.5
@@ -59,7 +62,7 @@ stop_daemon() {
 if live_pid "$D/run/slurmctld.pid" slurmctld >/dev/null && scontrol ping >/dev/null 2>&1; then
     jobs=$(squeue -h -o %A 2>/dev/null || true)
     if [[ -n $jobs ]]; then
-        log "cancelling jobs: $(echo $jobs)"
+        log "cancelling jobs: ${jobs//$'\n'/ }"
         # shellcheck disable=SC2086  # one job id per word
         scancel $jobs 2>/dev/null || true
         for ((i = 0; i < 50; i++)); do
