@@ -1,0 +1,32 @@
+# Two commands on a fresh machine (see README.md):
+#   make demo   install, then run the whole tiny pipeline (data -> train -> eval -> error study -> report)
+#   make test   install (Python packages and the Debian SLURM packages), then ruff and the whole test suite
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install debs demo test lint clean-tiny
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+debs:
+	bash .ci/install_debs.sh
+
+demo: install
+	$(BIN)/snakemake -c$(CORES) all
+	@echo "Tables and plots: results/tiny/ (start with results/tiny/index.md)"
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install debs lint
+	$(BIN)/pytest
+
+clean-tiny:
+	rm -rf runs/tiny results/tiny data/synthetic/tiny .snakemake
