@@ -7,7 +7,7 @@
 # -> error study (shadow estimators) -> report (tables and plots). Every rule runs a `neuclip` command a
 # person can run by hand. Snakemake tracks small final files (done.json, summary.json), never checkpoint
 # folders: it deletes a failed job's declared outputs, and the trainer resumes from its own checkpoints.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -18,9 +18,9 @@ if "experiment" not in config:
     configfile: "workflows/configs/tiny.yaml"
 
 
-validate(config, "workflows/schema.yaml")
-
 import neuclip.workflow as wf
+
+wf.validate_config(config)
 
 RUNS = wf.runs(config)
 RUNS_BY_KEY = {r.key: r for r in RUNS}

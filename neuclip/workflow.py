@@ -11,6 +11,7 @@ Kept in the package (not in the .smk files) so it is linted, unit-tested and usa
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class Run:
 
 
 def deep_merge(base: dict, update: dict | None) -> dict:
-    out = copy.deepcopy(base)
+    out = copy.deepcopy(base or {})
     for key, value in (update or {}).items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
@@ -42,9 +43,14 @@ def deep_merge(base: dict, update: dict | None) -> dict:
     return out
 
 
+@functools.cache
+def _registry_file() -> dict:
+    return yaml.safe_load(REGISTRY.read_text())
+
+
 def registry(config: dict) -> dict:
     """The data-set registry with this config's site overrides applied."""
-    reg = yaml.safe_load(REGISTRY.read_text())
+    reg = copy.deepcopy(_registry_file())
     for name, override in (config.get("dataset_overrides") or {}).items():
         if name not in reg:
             raise KeyError(f"dataset_overrides: unknown data set {name!r}; known: {', '.join(reg)}")
@@ -53,11 +59,11 @@ def registry(config: dict) -> dict:
 
 
 def experiment_dir(config: dict, kind: str = "runs") -> Path:
-    return Path(config[f"{kind}_dir"]) / config["experiment"]
+    return Path(config.get(f"{kind}_dir", kind)) / config["experiment"]
 
 
 def synthetic_dir(config: dict) -> Path:
-    return Path(config["data_root"]) / "synthetic" / config["experiment"]
+    return Path(config.get("data_root", "data")) / "synthetic" / config["experiment"]
 
 
 def per_dataset(config: dict, dataset: str) -> dict:
@@ -122,24 +128,22 @@ def shards(config: dict, dataset: str) -> str:
         last = (n + size - 1) // size - 1
         return str(synthetic_dir(config) / "train" / f"{{00000..{last:05d}}}.tar")
     pattern = entry["shards"]
-    return pattern if Path(pattern).is_absolute() else str(Path(config["data_root"]) / pattern)
+    return pattern if Path(pattern).is_absolute() else str(Path(config.get("data_root", "data")) / pattern)
 
 
-def method_options(config: dict, run: Run) -> dict:
-    """Options for the estimator: shared knobs it knows (rho, lr_tau, ...), then explicit per-method ones."""
-    from neuclip.estimators.registry import estimator_class
-
-    known = estimator_class(run.method).defaults
+def method_options(config: dict, run: Run) -> tuple[dict, dict]:
+    """(options, common): explicit per-method options (an unknown key is an error) and the shared knobs
+    (rho, lr_tau, ...) that the trainer applies where the method has them. Kept apart so that building the
+    grid never imports torch: a dry run of the paper grid stays fast."""
     ds = per_dataset(config, run.dataset)
     common = deep_merge(config.get("common_options") or {}, ds.get("common_options"))
-    opts = {k: v for k, v in common.items() if k in known}
-    opts = deep_merge(opts, (config.get("method_options") or {}).get(run.method))
-    opts = deep_merge(opts, (ds.get("method_options") or {}).get(run.method))
+    opts = deep_merge(
+        (config.get("method_options") or {}).get(run.method), (ds.get("method_options") or {}).get(run.method)
+    )
     if run.variant != "default":
         opts = deep_merge(opts, config["ablations"]["variants"][run.variant])
-    if "seed" in known:
-        opts.setdefault("seed", run.seed)
-    return opts
+    common.setdefault("seed", run.seed)
+    return opts, common
 
 
 def train_config(config: dict, run: Run) -> dict:
@@ -162,7 +166,7 @@ def train_config(config: dict, run: Run) -> dict:
             {"train_shards": shards(config, run.dataset), "train_num_samples": num_samples, "data_size": data_size},
             deep_merge(config.get("data_loader") or {}, ds.get("data_loader")),
         ),
-        "method": {"name": run.method, "options": method_options(config, run)},
+        "method": dict(zip(("name", "options", "common_options"), (run.method, *method_options(config, run)))),
         "train": deep_merge(config.get("train") or {}, ds.get("train")),
         "launcher": launcher,
         "meta": {
@@ -174,3 +178,18 @@ def train_config(config: dict, run: Run) -> dict:
             "scale": config.get("scale", "paper"),
         },
     }
+
+
+SCHEMA = REPO / "workflows" / "schema.yaml"
+
+
+def validate_config(config: dict) -> None:
+    """Schema validation (snakemake.utils.validate, which also fills defaults), preceded by a check that
+    names unknown top-level keys together with the allowed ones (jsonschema only says "unexpected")."""
+    from snakemake.utils import validate
+
+    allowed = yaml.safe_load(SCHEMA.read_text())["properties"]
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise KeyError(f"unknown config key(s) {unknown}; allowed keys: {', '.join(sorted(allowed))}")
+    validate(config, str(SCHEMA))

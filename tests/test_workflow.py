@@ -1,0 +1,124 @@
+"""The experiment grid: schema validation, the paper grid's dry run, and the train configs it builds."""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+import neuclip.workflow as wf
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "workflows" / "configs"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def load(name):
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper", "ablations", "error_study"])
+def test_shipped_configs_validate(name):
+    wf.validate_config(load(name))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"foo": 1}, r"unknown config key\(s\) \['foo'\]; allowed keys: .*datasets"),
+        ({"methods": ["neuclp"]}, r"'neuclp' is not one of \['openclip'"),
+        ({"datasets": ["cc4m"]}, r"'cc4m' is not one of \['synthetic', 'cc3m'"),
+        ({"seeds": ["one"]}, r"'one' is not of type 'integer'.*seeds"),
+        ({"launcher": "pbs"}, r"'pbs' is not one of \['inprocess', 'local', 'debug', 'slurm'\]"),
+    ],
+)
+def test_bad_configs_name_the_key_and_allowed_values(change, message):
+    cfg = {**load("tiny"), **change}
+    with pytest.raises(Exception, match=re.compile(message, re.S)):
+        wf.validate_config(cfg)
+
+
+def test_schema_enums_match_the_registries():
+    from neuclip.estimators.registry import METHODS
+
+    schema = yaml.safe_load(wf.SCHEMA.read_text())["definitions"]
+    assert schema["method"]["enum"] == list(METHODS)
+    assert schema["dataset"]["enum"] == list(wf.registry({}))
+
+
+def test_paper_grid_dry_run_lists_the_expected_jobs():
+    started = time.time()
+    out = subprocess.run(
+        [*SNAKEMAKE, "-n", "all", "--configfile", str(CONFIGS / "paper.yaml"), "--quiet", "rules"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    elapsed = time.time() - started
+    counts = {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", out, re.M)}
+    # 3 seeds on cc3m, cc12m, dfn14m and 1 on dfn192m, dfn1b, laion315m: 12 x 7 methods = 84 runs, each
+    # evaluated on datacomp38, imagenet_variants and retrieval.
+    assert counts == {
+        "data_check": 6,
+        "train_config": 84,
+        "train": 84,
+        "evaluate": 252,
+        "report": 1,
+        "all": 1,
+        "total": 428,
+    }
+    assert elapsed < 15, f"dry run took {elapsed:.1f}s"  # about 2 s of CPU; generous for a loaded machine
+
+
+def test_paper_runs_and_their_configs():
+    cfg = load("paper")
+    wf.validate_config(cfg)
+    runs = wf.runs(cfg)
+    per = Counter((r.dataset, r.seed) for r in runs)
+    assert per[("cc3m", 2)] == 7 and per[("dfn1b", 0)] == 7 and ("dfn1b", 1) not in per
+    run = wf.Run("cc3m", "fastclip", "default", 1)
+    tc = wf.train_config(cfg, run)
+    assert tc["run_dir"] == "runs/paper/cc3m/fastclip/default/seed1"
+    assert tc["model"] == "RN50"
+    assert tc["train"]["global_batch_size"] == 1024 and tc["train"]["betas"] == [0.9, 0.999]
+    assert tc["data"]["train_shards"] == "/data/webdataset/cc3m/{00000..00331}.tar"
+    assert tc["data"]["data_size"] == 3318333
+    assert tc["method"]["common_options"]["rho"] == 6.5 and tc["method"]["common_options"]["gamma_decay_epochs"] == 18
+    assert tc["launcher"]["nodes"] == 1 and tc["launcher"]["gpus_per_node"] == 4
+    assert tc["meta"] == {
+        "experiment": "paper",
+        "dataset": "cc3m",
+        "method": "fastclip",
+        "variant": "default",
+        "seed": 1,
+        "scale": "paper",
+    }
+    neu = wf.train_config(cfg, wf.Run("dfn1b", "neuclip", "default", 0))
+    assert neu["train"]["max_steps"] == 195313 and neu["method"]["options"]["num_prototypes"] == 4096
+
+
+def test_ablation_variants_override_neuclip_options():
+    cfg = load("ablations")
+    wf.validate_config(cfg)
+    variants = {r.variant for r in wf.ablation_runs(cfg)}
+    assert {"T_u=1", "T_r=inf", "objective=separate", "npn=mlp", "updates=simultaneous"} <= variants
+    tc = wf.train_config(cfg, wf.Run("dfn14m", "neuclip", "T_r=inf", 0))
+    assert tc["method"]["options"]["restart_every"] == 0 and tc["method"]["options"]["inner_steps"] == 10
+
+
+def test_site_overrides_replace_registry_fields():
+    cfg = copy.deepcopy(load("paper"))
+    cfg["dataset_overrides"] = {"cc3m": {"shards": "/scratch/cc3m/{000..099}.tar", "data_size": 3400000}}
+    tc = wf.train_config(cfg, wf.Run("cc3m", "openclip", "default", 0))
+    assert tc["data"]["train_shards"] == "/scratch/cc3m/{000..099}.tar" and tc["data"]["data_size"] == 3400000
+    cfg["dataset_overrides"] = {"cc4m": {}}
+    with pytest.raises(KeyError, match="unknown data set 'cc4m'"):
+        wf.registry(cfg)
