@@ -15,7 +15,7 @@ min_version("9.0")
 # would otherwise be merged *under* the user's file and leak tiny settings into the paper grid.
 if "experiment" not in config:
 
-    configfile: "workflows/configs/tiny.yaml"
+    configfile: f"{workflow.basedir}/workflows/configs/tiny.yaml"
 
 
 import neuclip.workflow as wf

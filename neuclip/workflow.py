@@ -157,7 +157,10 @@ def train_config(config: dict, run: Run) -> dict:
     launcher = deep_merge(config.get("resources") or {}, ds.get("resources"))
     launcher["executor"] = config.get("launcher", "inprocess")
     if config.get("slurm_site"):
-        launcher["site"] = str(config["slurm_site"])
+        site = Path(config["slurm_site"])
+        if not site.is_absolute() and not site.exists() and (REPO / site).exists():
+            site = REPO / site  # the profile names it relative to the repo; snakemake may run elsewhere
+        launcher["site"] = str(site)
     return {
         "run_dir": str(run_dir(config, run)),
         "seed": run.seed,
