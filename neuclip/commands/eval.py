@@ -1,0 +1,73 @@
+"""`neuclip eval`: zero-shot evaluation of a saved model on a task suite, through clip_benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SUITE_HELP = {
+    "tiny": "synthetic held-out sets (shape, colour, position classification; retrieval); --data-root = a "
+    "`neuclip data synth` folder",
+    "datacomp38": "DataComp's 38 tasks, main metrics and average; --data-root = DataComp's download_evalsets.py folder",
+    "imagenet_variants": "IN-1k, IN-V2, IN-Sketch, IN-A, IN-O, IN-R, ObjectNet (mean top-1)",
+    "retrieval": "Flickr30k, MSCOCO (mean of image and text recall@1) and WinoGAViL, DataComp's Retrieval group",
+}
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "eval",
+        help="zero-shot evaluation of a saved model on a task suite (clip_benchmark)",
+        description=(
+            "Evaluates MODEL_DIR (a run's model/ folder) on a suite through clip_benchmark's own code and the "
+            "local data under --data-root. Writes OUT/<task>.json (clip_benchmark's result format) per task and "
+            "OUT/summary.json (main metric per task, group averages). Missing data fails before any work, "
+            "naming each set, where it goes and how to download it. A rerun skips finished tasks. Suites: "
+            + "; ".join(f"{k}: {v}" for k, v in SUITE_HELP.items())
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model-dir", required=True, help="saved model folder (RUN/model)")
+    parser.add_argument("--suite", required=True, choices=list(SUITE_HELP), help="task suite")
+    parser.add_argument("--data-root", required=True, help="folder holding the suite's evaluation sets")
+    parser.add_argument("--out", required=True, help="output folder for task JSONs and summary.json")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    parser.add_argument("--workers", type=int, default=4, help="data loader worker processes")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision (default: on for GPU, off for CPU)",
+    )
+    parser.add_argument("--redo", action="store_true", help="recompute every task, ignoring finished task files")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from neuclip.eval.runner import ForeignResultsError, MissingDataError, evaluate_suite
+
+    try:
+        summary = evaluate_suite(
+            args.model_dir,
+            args.suite,
+            args.data_root,
+            args.out,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+            amp=args.amp,
+            redo=args.redo,
+            progress=args.progress,
+        )
+    except (MissingDataError, ForeignResultsError, FileNotFoundError) as err:
+        print(f"neuclip eval: {err}", file=sys.stderr)
+        return 2
+    for task, entry in summary["tasks"].items():
+        print(f"{task:<16} {entry['metric']:<22} {entry['value']:.4f}")
+    for group, value in summary["groups"].items():
+        if value is not None:
+            print(f"{'[' + group + ']':<16} {'mean':<22} {value:.4f}")
+    print(f"wrote {args.out}/summary.json")
+    return 0
