@@ -46,7 +46,7 @@ def plot_error_vs_ratio(frame: pd.DataFrame, stem: Path, metric: str = "mse_log"
         ax.set_title(f"global batch B = {b}, {int(part['steps'].iloc[0])} steps")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(LABELS.get(metric, metric))
-    axes[0][-1].legend(title="estimator")
+    axes[0][-1].legend(title="estimator", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("Normaliser estimation error against n/B (shadow estimators, one trajectory)")
     save(fig, stem)
 
@@ -68,6 +68,6 @@ def plot_error_over_steps(frame: pd.DataFrame, stem: Path, metric: str = "mse_lo
         ax.set_title(f"n/B = {ratio:g} (B = {b})")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(LABELS.get(metric, metric))
-    axes[0][-1].legend(title="estimator")
+    axes[0][-1].legend(title="estimator", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("Normaliser estimation error over training")
     save(fig, stem)
