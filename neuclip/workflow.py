@@ -109,7 +109,7 @@ def eval_suites(config: dict, dataset: str) -> list[str]:
 
 def eval_data_root(config: dict, dataset: str) -> str:
     if registry(config)[dataset].get("generated"):
-        return str(synthetic_dir(config) / "eval")
+        return str(synthetic_dir(config))  # the tiny suite finds eval/wds_synth_* below it
     return str(config.get("eval_data_root", "data/eval"))
 
 

@@ -29,12 +29,19 @@ def estimator_class(name: str) -> type[Estimator]:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-def build_estimator(name: str, cfg: dict | None, ctx: EstimatorContext) -> Estimator:
-    """Build `name` with config `cfg`; unknown config keys are an error that lists the known ones."""
+def build_estimator(name: str, cfg: dict | None, ctx: EstimatorContext, common: dict | None = None) -> Estimator:
+    """Build `name` with options `cfg`; an unknown option is an error that lists the known ones.
+
+    `common` holds knobs shared across methods (rho, lr_tau, gamma_min, ...): each is applied only where the
+    method has it, so one experiment config can set them once for every method; `cfg` wins over `common`.
+    """
     cls = estimator_class(name)
     cfg = dict(cfg or {})
     defaults = getattr(cls, "defaults", {})
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
-        raise KeyError(f"method {name!r}: unknown option(s) {unknown}; known options: {', '.join(sorted(defaults))}")
-    return cls({**defaults, **cfg}, ctx)
+        raise KeyError(
+            f"method {name!r}: unknown option(s) {unknown}; known options: {', '.join(sorted(defaults))}"
+        )
+    shared = {k: v for k, v in (common or {}).items() if k in defaults}
+    return cls({**defaults, **shared, **cfg}, ctx)

@@ -1,0 +1,67 @@
+"""`neuclip train CONFIG.yaml [key=value ...]`: train one model into its run folder (resumes if interrupted).
+
+Overrides are dotted keys with YAML values, e.g. `train.lr=1e-3 method.options={rho: 6.5}`. Relative paths
+(run_dir, data.train_shards, launcher.site) are taken from the current directory. `--print-config` shows the
+resolved config and exits. See neuclip/train/config.py for every key and its default.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "train", help="train a model (in-process, local, debug or SLURM via submitit)", description=__doc__
+    )
+    parser.add_argument("config", nargs="?", help="YAML config (omit to use only defaults and overrides)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, YAML values")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--detach", action="store_true", help="submit and return without waiting (local/slurm executors)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from neuclip.train.config import ConfigError, dump, load_config, resolve
+    from neuclip.train.data import DataError
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    try:
+        cfg = resolve(load_config(config, overrides))
+        _check_method(cfg)
+    except (ConfigError, DataError, FileNotFoundError, KeyError) as err:
+        print(f"neuclip train: config error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump(cfg), end="")
+        return 0
+
+    from neuclip.launch import launch
+    from neuclip.train.trainer import TrainingDiverged
+
+    try:
+        return launch(cfg, detach=args.detach)
+    except (ConfigError, DataError, TrainingDiverged) as err:
+        print(f"neuclip train: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _check_method(cfg: dict) -> None:
+    """Fail before submitting anything if the method or its options are unknown."""
+    from neuclip.estimators.registry import estimator_class
+
+    name = cfg["method"]["name"]
+    cls = estimator_class(name)
+    defaults = getattr(cls, "defaults", {})
+    unknown = sorted(set(cfg["method"]["options"]) - set(defaults))
+    if unknown:
+        from neuclip.train.config import ConfigError
+
+        raise ConfigError(
+            f"method.options: unknown option(s) {unknown} for method {name!r}; known options: "
+            f"{', '.join(sorted(defaults))}"
+        )

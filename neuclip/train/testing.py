@@ -1,0 +1,64 @@
+"""Helpers shared by the trainer's tests and `neuclip bench trainer`: a tiny CPU run config and checkpoint
+comparison. Not used by training itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from neuclip.train.config import load_config, resolve
+
+
+def tiny_overrides(run_dir: str | Path, shards: str, **extra) -> list[str]:
+    """Overrides for a seconds-long CPU run of tiny-vit (16 samples a step, fp32, one thread)."""
+    base = {
+        "run_dir": str(run_dir),
+        "model": "tiny-vit",
+        "data.train_shards": shards,
+        "data.shuffle_buffer": 32,
+        "train.global_batch_size": 16,
+        "train.max_steps": 12,
+        "train.lr": 1e-3,
+        "train.warmup_steps": 2,
+        "train.checkpoint_every": 4,
+        "train.log_every": 1,
+        "train.threads": 1,
+        "train.device": "cpu",
+        "train.precision": "fp32",
+    }
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k, v in base.items()
+    ]
+
+
+def tiny_config(run_dir: str | Path, shards: str, **extra) -> dict:
+    """A resolved config; `extra` keys use `__` for dots (train__max_steps=20) or are dotted strings."""
+    return resolve(load_config(None, tiny_overrides(run_dir, shards, **extra)))
+
+
+def write_config(path: str | Path, cfg: dict) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def tensors_equal(a, b, path: str = "") -> list[str]:
+    """Paths at which two nested checkpoint structures differ (tensors compared bit for bit)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return [path]
+        same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        return [] if same else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path} keys {sorted(set(a) ^ set(b), key=str)}"]
+        return [d for k in a for d in tensors_equal(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path} length"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in tensors_equal(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]

@@ -1,0 +1,203 @@
+"""The launcher: submitit local timeout -> checkpoint -> requeue -> resume; SLURM re-attach; sbatch safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuclip.train import checkpoint as ckpt
+from neuclip.train.config import ConfigError
+from neuclip.train.testing import tensors_equal, tiny_config, write_config
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shards(data: Path) -> str:
+    return str(data / "train" / "{00000..00002}.tar")
+
+
+def _attempts(run_dir: Path) -> list[dict]:
+    try:
+        return json.loads((run_dir / "provenance.json").read_text())["attempts"]
+    except (OSError, ValueError):
+        return []
+
+
+def _last_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.slow
+def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_data, tmp_path):
+    from neuclip import launch
+
+    steps = 60
+    extra = {"train.max_steps": steps, "train.checkpoint_every": 1000, "train.log_every": 2}
+    # A 45-s limit per attempt; submitit signals USR2 15 s before it. The trainer checkpoints at the next step
+    # boundary, submitit requeues, the next attempt resumes. Start-up alone takes 7-17 s on this shared
+    # machine, so instead of racing the clock the test sends the task that same signal once the first
+    # attempt is a third of the way through (the limit's own USR2 may come first).
+    cfg = tiny_config(
+        tmp_path / "job",
+        _shards(synth_data),
+        **extra,
+        **{
+            "launcher.executor": "local",
+            "launcher.timeout_min": 0.75,
+            "launcher.signal_delay_s": 15,
+            "launcher.max_num_timeout": 5,
+        },
+    )
+    run_dir = Path(cfg["run_dir"])
+    job = launch.submit(cfg)
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["executor"] == "local" and record["job_id"] == str(job.job_id)
+    with pytest.raises(RuntimeError, match="still running"):
+        launch.submit(cfg)  # no second job on the same run folder
+    # The uninterrupted reference, meanwhile on the other core.
+    ref = tiny_config(tmp_path / "ref", _shards(synth_data), **extra)
+    ref_proc = subprocess.Popen(
+        [sys.executable, "-m", "neuclip.cli", "train", str(write_config(tmp_path / "ref.yaml", ref))],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    interrupted = False
+    while not job.done():
+        attempts = _attempts(run_dir)
+        if not interrupted and len(attempts) == 1 and _last_step(run_dir) >= steps // 3:
+            os.kill(attempts[0]["pid"], signal.SIGUSR2)  # what the controller sends its tasks at the limit
+            interrupted = True
+        time.sleep(0.2)
+    assert launch.wait(job) == 0, "see the job's logs in " + str(job.paths.folder)
+    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
+    ref_proc.stderr.close()
+
+    attempts = json.loads((run_dir / "provenance.json").read_text())["attempts"]
+    assert len(attempts) >= 2 and attempts[-1]["resumed_from_step"] > 0, attempts
+    a = torch.load(ckpt.checkpoint_path(Path(ref["run_dir"]) / "checkpoints", steps), weights_only=True)
+    b = torch.load(ckpt.checkpoint_path(run_dir / "checkpoints", steps), weights_only=True)
+    for part in ("model", "estimator", "optimizer", "data"):
+        assert tensors_equal(a[part], b[part]) == [], part
+    assert (run_dir / "done.json").exists()
+    assert launch.launch(cfg) == 0  # done: nothing is submitted again
+
+
+def test_debug_executor_runs_the_job_in_process(synth_data, tmp_path):
+    from neuclip import launch
+
+    cfg = tiny_config(
+        tmp_path / "ok", _shards(synth_data), **{"train.max_steps": 2, "launcher.executor": "debug"}
+    )
+    assert launch.launch(cfg) == 0  # (on failure the debug executor opens pdb: it is for debugging)
+    assert json.loads((Path(cfg["run_dir"]) / "done.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_a_failed_job_exits_non_zero_with_the_remote_traceback(synth_data, tmp_path, capsys):
+    from neuclip import launch
+
+    cfg = tiny_config(
+        tmp_path / "bad",
+        _shards(synth_data),
+        **{
+            "train.max_steps": 2,
+            "launcher.executor": "local",
+            "launcher.timeout_min": 2,
+            "data.data_size": 10,
+        },
+    )
+    assert launch.launch(cfg) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "DataError" in err and "set data.data_size to max id + 1" in err, err
+
+
+def _slurm_cfg(tmp_path: Path, synth_data: Path, **launcher) -> dict:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "partition: gpu\naccount: proj1\ngpu_type: h100\ngpus_per_node: 4\ncpus_per_task: 8\n"
+        "mem_gb: 64\ntime_min: 240\nmax_num_timeout: 7\nadditional_parameters: {constraint: ib}\n"
+    )
+    extra = {"launcher.executor": "slurm", "launcher.site": str(site), "launcher.nodes": 2}
+    extra.update({f"launcher.{k}": v for k, v in launcher.items()})
+    return tiny_config(tmp_path / "run dir", _shards(synth_data), **extra)
+
+
+def test_slurm_script_uses_site_defaults_and_quotes_values(synth_data, tmp_path):
+    from neuclip.launch import make_executor
+
+    cfg = _slurm_cfg(
+        tmp_path, synth_data, qos="high; rm -rf ~", slurm_additional_parameters={"comment": "a b"}
+    )
+    la = cfg["launcher"]
+    assert (la["partition"], la["gpus_per_node"], la["timeout_min"], la["max_num_timeout"]) == (
+        "gpu",
+        4,
+        240,
+        7,
+    )
+    ex = make_executor(cfg)
+    script = ex._make_submission_file_text("python -m x", "uid")
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --account=proj1" in script
+    assert "#SBATCH --gpus-per-node=h100:4" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --time=240" in script and "#SBATCH --mem=64GB" in script
+    assert "#SBATCH --constraint=ib" in script and "#SBATCH --comment='a b'" in script
+    assert "#SBATCH --qos='high; rm -rf ~'" in script  # a quoted option value, never a command
+    assert ex.max_num_timeout == 7
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        'launcher.partition="gpu\\nrm -rf ~"',
+        'launcher.slurm_additional_parameters={comment: "x\\ny"}',
+        "launcher.slurm_additional_parameters={'bad key': 1}",
+    ],
+)
+def test_control_characters_never_reach_sbatch(override):
+    from neuclip.train.config import load_config
+
+    with pytest.raises(ConfigError, match="launcher"):
+        load_config(None, [override])
+
+
+def test_rerun_reattaches_to_a_live_slurm_job(synth_data, tmp_path, monkeypatch):
+    from neuclip import launch
+
+    cfg = _slurm_cfg(tmp_path, synth_data)
+    run_dir = Path(cfg["run_dir"])
+    folder = run_dir / "submitit" / "slurm" / "%j"
+    launch._write_job_record(run_dir, {"executor": "slurm", "job_id": "4242", "folder": str(folder)})
+    state = {"JobState": "RUNNING", "StdOut": str(run_dir / "submitit" / "slurm" / "4242" / "4242_0_log.out")}
+    monkeypatch.setattr(launch, "_scontrol_job", lambda job_id: dict(state) if job_id == "4242" else None)
+    monkeypatch.setattr(launch, "make_executor", lambda cfg: pytest.fail("submitted a second job"))
+    job = launch.submit(cfg)
+    assert job.job_id == "4242"
+
+    # a finished job, or a live job of another run (ids restart on a fresh cluster), is not re-attached
+    for change in ({"JobState": "COMPLETED"}, {"StdOut": "/elsewhere/4242_0_log.out"}):
+        state.update(change)
+        assert launch.alive_slurm_job(run_dir) is None
+        state.update(JobState="RUNNING", StdOut=str(run_dir / "submitit" / "slurm" / "4242" / "x.out"))
+
+
+def test_cli_config_errors_name_the_key(tmp_path, capsys):
+    from neuclip.cli import main
+
+    assert main(["train", "run_dir=x", "data.train_shards=x.tar", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lrr" in err and "warmup_steps" in err

@@ -1,0 +1,208 @@
+"""Training config: defaults, YAML + dotted overrides, unknown keys named, §8 settings, site defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neuclip.train.config import ConfigError, identity_diff, load_config, parse_overrides, resolve
+
+CONFIGS = Path(__file__).resolve().parents[1] / "neuclip" / "configs"
+
+
+def test_overrides_are_dotted_and_yaml_parsed():
+    assert parse_overrides(
+        [
+            "train.lr=1e-3",
+            "train.betas=[0.9, 0.999]",
+            "method.options={rho: 6.5}",
+            "data.skip_bad=true",
+            "train.grad_clip=null",
+        ]
+    ) == {
+        "train": {"lr": 1e-3, "betas": [0.9, 0.999], "grad_clip": None},
+        "method": {"options": {"rho": 6.5}},
+        "data": {"skip_bad": True},
+    }
+    cfg = load_config(None, ["train.lr=1e-3", "method.name=fastclip", "method.options={rho: 6.5}"])
+    assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["epochs"] == 1  # defaults kept
+    assert cfg["method"] == {"name": "fastclip", "options": {"rho": 6.5}}
+
+
+@pytest.mark.parametrize(
+    "bad,named,allowed",
+    [
+        (["train.lrr=1"], "train.lrr", "warmup_steps"),
+        (["datta.workers=1"], "datta", "launcher"),
+        (["launcher.partitionn=gpu"], "launcher.partitionn", "partition"),
+    ],
+)
+def test_unknown_keys_are_named_with_the_allowed_ones(bad, named, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, bad)
+    assert named in str(err.value) and allowed in str(err.value)
+
+
+def test_unknown_key_in_a_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  global_batch_size: 64\n  chekpoint_every: 10\n")
+    with pytest.raises(ConfigError, match="train.chekpoint_every.*checkpoint_every"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.precision=fp16", "train.precision"),
+        ("train.global_batch_size=1", "train.global_batch_size"),
+        ("train.betas=[0.9]", "train.betas"),
+        ("launcher.executor=kubernetes", "launcher.executor"),
+        ("data.workers=-1", "data.workers"),
+        ("launcher.timeout_min=0", "launcher.timeout_min"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+# METHOD.md §8: (model, global batch, epochs, lr, wd, warmup, rho, gamma_min, E_decay, lr_tau, betas, eps)
+SETTINGS = {
+    "cc3m": ("RN50", 1024, 37, 1e-3, 0.1, 10000, 6.5, 0.2, 18, 2e-4, [0.9, 0.999], 1e-8),
+    "cc12m": ("ViT-B-32", 2048, 33, 4e-4, 0.1, 10000, 8.5, 0.2, 16, 1e-4, [0.9, 0.98], 1e-6),
+    "dfn14m": ("ViT-B-32", 4096, 24, 5e-4, 0.2, 500, 11, None, None, 6.25e-5, [0.9, 0.98], 1e-6),
+    "dfn192m": ("ViT-B-16", 5120, 7, 3.125e-4, 0.2, 500, 11, 1.0, 7, 7.8125e-5, [0.9, 0.98], 1e-6),
+    "laion315m": ("ViT-B-16", 5120, 30, 2e-4, 0.2, 13200, 16, 0.8, 10, 5e-5, [0.9, 0.98], 1e-6),
+}
+
+
+@pytest.mark.parametrize("dataset", list(SETTINGS))
+def test_paper_settings_are_expressible(dataset):
+    from neuclip.commands.train import _check_method
+
+    model, batch, epochs, lr, wd, warmup, rho, gmin, edecay, lr_tau, betas, eps = SETTINGS[dataset]
+    fastclip = {
+        "rho": rho,
+        "gamma_schedule": "cosine",
+        "gamma_min": gmin,
+        "gamma_decay_epochs": edecay,
+        "lr_tau": lr_tau,
+        "tau_init": 0.07,
+    }
+    for method, options in (
+        ("fastclip", fastclip),
+        ("neuclip", {"rho": rho, "lr_tau": lr_tau, "tau_init": 0.07}),
+        ("openclip", {"tau_init": 0.07}),
+    ):
+        cfg = load_config(
+            None,
+            [
+                f"model={model}",
+                f"train.global_batch_size={batch}",
+                f"train.epochs={epochs}",
+                f"train.lr={lr}",
+                f"train.weight_decay={wd}",
+                f"train.warmup_steps={warmup}",
+                f"train.betas={betas}",
+                f"train.eps={eps}",
+                f"method.name={method}",
+                f"method.options={json.dumps(options)}",
+                "launcher.executor=slurm",
+                "launcher.nodes=2",
+                "launcher.gpus_per_node=4",
+            ],
+        )
+        _check_method(cfg)
+        assert cfg["train"]["betas"] == betas and cfg["method"]["options"] == options
+
+
+def test_shipped_configs_load(tmp_path):
+    from neuclip.commands.train import _check_method
+
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = load_config(path)
+        _check_method(cfg)
+    cc3m = load_config(CONFIGS / "train_cc3m_neuclip.yaml")
+    assert (cc3m["model"], cc3m["train"]["global_batch_size"], cc3m["train"]["epochs"]) == ("RN50", 1024, 37)
+
+
+def test_resolve_fills_counts_paths_and_site_defaults(synth_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "partition: debug\ngpus_per_node: 2\ntime_min: 30\nadditional_parameters: {constraint: x}\n"
+    )
+    shards = str(synth_data / "train" / "{00000..00002}.tar")
+    cfg = resolve(
+        load_config(
+            None,
+            [
+                "run_dir=runs/a",
+                f"data.train_shards={shards}",
+                "launcher.site=site.yaml",
+                "launcher.gpus_per_node=1",
+                "train.global_batch_size=16",
+                "launcher.slurm_additional_parameters={x: 1}",
+            ],
+        )
+    )
+    assert cfg["run_dir"] == str(tmp_path / "runs" / "a")
+    assert cfg["data"]["train_num_samples"] == 48 and cfg["data"]["data_size"] == 48  # from sizes.json
+    la = cfg["launcher"]
+    assert (la["partition"], la["gpus_per_node"], la["timeout_min"]) == ("debug", 1, 30)  # config wins
+    assert la["slurm_additional_parameters"] == {"constraint": "x", "x": 1}
+    site.write_text("partition: debug\nnodes: 2\n")
+    with pytest.raises(ConfigError, match="nodes"):
+        resolve(
+            load_config(
+                None,
+                [
+                    "run_dir=r",
+                    f"data.train_shards={shards}",
+                    "launcher.site=site.yaml",
+                    "train.global_batch_size=16",
+                ],
+            )
+        )
+    with pytest.raises(ConfigError, match="train_shards"):
+        resolve(load_config(None, ["run_dir=r"]))
+
+
+def test_a_rerun_with_a_changed_config_is_refused(synth_data, tmp_path):
+    from neuclip.train.testing import tiny_config
+    from neuclip.train.trainer import train
+
+    shards = str(synth_data / "train" / "{00000..00002}.tar")
+    cfg = tiny_config(tmp_path / "run", shards, **{"train.max_steps": 2})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(
+        yaml.safe_dump({**cfg, "train": {**cfg["train"], "lr": 0.5}})
+    )
+    assert identity_diff(cfg, yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
+    with pytest.raises(ConfigError, match="train.lr"):
+        train(cfg)
+
+
+def test_print_config_shows_the_resolved_config(synth_data, tmp_path, capsys):
+    from neuclip.cli import main
+
+    shards = str(synth_data / "train" / "{00000..00002}.tar")
+    assert (
+        main(
+            [
+                "train",
+                str(CONFIGS / "train_tiny.yaml"),
+                f"run_dir={tmp_path}/r",
+                f"data.train_shards={shards}",
+                "method.name=neuclip",
+                "train.global_batch_size=16",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["method"]["name"] == "neuclip" and cfg["data"]["train_num_samples"] == 48

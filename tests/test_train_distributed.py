@@ -1,0 +1,77 @@
+"""Two gloo processes (torchrun) on the same global batches as one process: same losses and parameters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuclip.train import checkpoint as ckpt
+from neuclip.train.testing import tiny_config, write_config
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _param_diff(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
+    diff = (a.float() - b.float()).abs()
+    if name.endswith("attn.in_proj_bias"):
+        # The key bias has exactly zero gradient (softmax is shift invariant): its "gradient" is rounding
+        # noise, which Adam's normalisation turns into steps of up to lr * noise / eps. Compare q and v only.
+        width = diff.numel() // 3
+        diff = torch.cat([diff[:width], diff[2 * width :]])
+    return diff.max().item()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(synth_data, tmp_path):
+    from neuclip.train.trainer import train
+
+    shards = str(synth_data / "train" / "{00000..00002}.tar")
+    steps = 4
+    extra = {"train.max_steps": steps, "train.checkpoint_every": 100, "train.warmup_steps": 0}
+    # Same number of data slots (world size x workers = 2), hence the same global batches in the same order.
+    one = tiny_config(tmp_path / "one", shards, **extra, **{"data.workers": 2})
+    two = tiny_config(tmp_path / "two", shards, **extra, **{"data.workers": 1})
+    config = write_config(tmp_path / "two.yaml", two)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "neuclip.cli",
+            "train",
+            str(config),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    train(one)  # meanwhile
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+
+    def metrics(cfg):
+        return [json.loads(x) for x in (Path(cfg["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+
+    m1, m2 = metrics(one), metrics(two)
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == list(range(1, steps + 1))
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
+        assert b["tau"] == pytest.approx(a["tau"], rel=1e-5)
+    s1 = torch.load(ckpt.checkpoint_path(Path(one["run_dir"]) / "checkpoints", steps), weights_only=True)
+    s2 = torch.load(ckpt.checkpoint_path(Path(two["run_dir"]) / "checkpoints", steps), weights_only=True)
+    assert s2["world_size"] == 2 and len(s2["rng"]) == 2
+    worst = max(_param_diff(k, s1["model"][k], s2["model"][k]) for k in s1["model"])
+    assert worst < 1e-5, worst
+    for k in s1["estimator"]:
+        torch.testing.assert_close(s2["estimator"][k], s1["estimator"][k], rtol=1e-5, atol=1e-5)
+    assert s1["data"]["positions"] == s2["data"]["positions"]
