@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.slurm_support import slurm_cluster  # noqa: F401  (a session fixture for `slurm` tests)
+
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):

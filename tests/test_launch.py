@@ -100,9 +100,7 @@ def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_da
 def test_debug_executor_runs_the_job_in_process(synth_data, tmp_path):
     from neuclip import launch
 
-    cfg = tiny_config(
-        tmp_path / "ok", _shards(synth_data), **{"train.max_steps": 2, "launcher.executor": "debug"}
-    )
+    cfg = tiny_config(tmp_path / "ok", _shards(synth_data), **{"train.max_steps": 2, "launcher.executor": "debug"})
     assert launch.launch(cfg) == 0  # (on failure the debug executor opens pdb: it is for debugging)
     assert json.loads((Path(cfg["run_dir"]) / "done.json").read_text())["steps"] == 2
 
@@ -140,9 +138,7 @@ def _slurm_cfg(tmp_path: Path, synth_data: Path, **launcher) -> dict:
 def test_slurm_script_uses_site_defaults_and_quotes_values(synth_data, tmp_path):
     from neuclip.launch import make_executor
 
-    cfg = _slurm_cfg(
-        tmp_path, synth_data, qos="high; rm -rf ~", slurm_additional_parameters={"comment": "a b"}
-    )
+    cfg = _slurm_cfg(tmp_path, synth_data, qos="high; rm -rf ~", slurm_additional_parameters={"comment": "a b"})
     la = cfg["launcher"]
     assert (la["partition"], la["gpus_per_node"], la["timeout_min"], la["max_num_timeout"]) == (
         "gpu",

@@ -25,32 +25,8 @@ STATE_DIR = Path(os.environ.get("NEUCLIP_SLURM_DIR", "/tmp/neuclip-slurm"))
 
 
 @pytest.fixture(scope="module")
-def slurm_env():
-    env_sh = STATE_DIR / "env.sh"
-    try:  # cheap pre-check: with slurmctld down, sinfo spends ~9 s retrying
-        pid = int((STATE_DIR / "run" / "slurmctld.pid").read_text().strip())
-        alive = "slurmctld" in Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        alive = False
-    if not alive or not env_sh.exists():
-        pytest.skip(f"no SLURM test cluster running ({env_sh} missing): start slurm/testcluster/start.sh")
-    out = subprocess.run(
-        ["bash", "-c", 'set -a; source "$1"; env -0', "_", str(env_sh)],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout.decode()
-    env = {k: v for k, v in (x.split("=", 1) for x in out.split("\0") if "=" in x) if k == "SLURM_CONF"}
-    try:
-        ok = subprocess.run(["sinfo", "-h"], env={**os.environ, **env}, capture_output=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        ok = None
-    if ok is None or ok.returncode != 0:
-        pytest.skip("the SLURM test cluster does not answer (sinfo): start slurm/testcluster/start.sh")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)  # submitit runs sbatch/sacct/scontrol with os.environ
-        yield env
+def slurm_env(slurm_cluster):
+    return slurm_cluster
 
 
 def _attempts(run_dir: Path) -> list[dict]:

@@ -52,8 +52,14 @@ def test_main_table_shape_and_values(out):
     csv = pd.read_csv(out / "tables" / "main.csv").set_index("method")
     assert list(csv.index) == ["OpenCLIP", "SogCLR", "FastCLIP-v1", "FastCLIP-v3", "NeuCLIP"]
     assert list(csv.columns) == [
-        f"{CC3M} ours mean", f"{CC3M} ours std", f"{CC3M} ours n", f"{CC3M} published", f"{CC3M} Δ",
-        f"{SYNTH} ours mean", f"{SYNTH} ours std", f"{SYNTH} ours n",
+        f"{CC3M} ours mean",
+        f"{CC3M} ours std",
+        f"{CC3M} ours n",
+        f"{CC3M} published",
+        f"{CC3M} Δ",
+        f"{SYNTH} ours mean",
+        f"{SYNTH} ours std",
+        f"{SYNTH} ours n",
     ]
     # OpenCLIP on CC3M: 21.8, 21.9, 22.0 -> 21.90 ± 0.10 (sample std), published 21.84
     row = csv.loc["OpenCLIP"]
@@ -114,8 +120,15 @@ def test_scale_labels_keep_synthetic_out_of_paper_columns(out):
 
 
 def test_provenance_names_the_runs(out):
-    for name in ("main", "imagenet_variants", "retrieval", "fastclip_comparison", "ablation_synthetic_tiny",
-                 "stress", "runs"):
+    for name in (
+        "main",
+        "imagenet_variants",
+        "retrieval",
+        "fastclip_comparison",
+        "ablation_synthetic_tiny",
+        "stress",
+        "runs",
+    ):
         for ext in ("csv", "md", "tex", "provenance.json"):
             assert (out / "tables" / f"{name}.{ext}").stat().st_size > 0, (name, ext)
     p = prov(out, "main")
@@ -129,8 +142,10 @@ def test_provenance_names_the_runs(out):
     assert run["seed"] == 1 and run["packages"]["torch"] == "2.14.1"
     assert run["eval_summaries"] == ["paper/cc3m/neuclip/default/seed1/eval/datacomp38/summary.json"]
     tiny = p["runs"]["tiny/synthetic/openclip/default/seed0"]
-    assert tiny["config_hash"] == json.loads((FIXTURE / "tiny/synthetic/openclip/default/seed0/provenance.json")
-                                             .read_text())["config_hash"]
+    assert (
+        tiny["config_hash"]
+        == json.loads((FIXTURE / "tiny/synthetic/openclip/default/seed0/provenance.json").read_text())["config_hash"]
+    )
     pub = cell(p, "NeuCLIP", f"{CC3M} published")
     assert pub["value"] == 25.08 and pub["sources"][0]["published"] == "datacomp38.values.NeuCLIP.cc3m"
     stress = prov(out, "stress")
@@ -161,8 +176,13 @@ def test_ablation_and_stress_tables(out):
 
 
 def test_plots_and_index(out):
-    stems = ["training_cc3m_paper", "training_synthetic_tiny", "ablation_synthetic_tiny", "error_vs_ratio",
-             "error_over_steps"]
+    stems = [
+        "training_cc3m_paper",
+        "training_synthetic_tiny",
+        "ablation_synthetic_tiny",
+        "error_vs_ratio",
+        "error_over_steps",
+    ]
     for stem in stems:
         for ext in ("png", "pdf"):
             assert (out / "plots" / f"{stem}.{ext}").stat().st_size > 1000, (stem, ext)

@@ -14,11 +14,25 @@ PUBLISHED = yaml.safe_load((Path(__file__).parents[1] / "results" / "published.y
 
 
 def run(dataset, scale, method, variant, seed, dc38, options=None, experiment="e"):
-    return Run(path=f"{experiment}/{dataset}/{method}/{variant}/seed{seed}", abspath=Path("/nowhere"),
-               experiment=experiment, dataset=dataset, scale=scale, method=method_label(method, options),
-               method_name=method, options=options or {}, variant=variant, seed=seed, config_hash="h",
-               git_commit="c", git_dirty=False, packages={}, hostname=None, command=None,
-               groups={"datacomp38": dc38})
+    return Run(
+        path=f"{experiment}/{dataset}/{method}/{variant}/seed{seed}",
+        abspath=Path("/nowhere"),
+        experiment=experiment,
+        dataset=dataset,
+        scale=scale,
+        method=method_label(method, options),
+        method_name=method,
+        options=options or {},
+        variant=variant,
+        seed=seed,
+        config_hash="h",
+        git_commit="c",
+        git_dirty=False,
+        packages={},
+        hostname=None,
+        command=None,
+        groups={"datacomp38": dc38},
+    )
 
 
 def test_paper_ablation_beside_published_with_aliases():
@@ -40,8 +54,12 @@ def test_small_scale_cc3m_never_gets_published_columns():
     runs = [run("cc3m", "small", "neuclip", "default", 0, 0.10), run("cc3m", "paper", "neuclip", "default", 0, 0.25)]
     missing, skipped = [], []
     table = tables.method_table(tables.SPECS[0], runs, expect.from_runs(runs), PUBLISHED, missing, skipped)
-    assert table.columns == ["CC3M [paper scale] ours", "CC3M [paper scale] published", "CC3M [paper scale] Δ",
-                             "CC3M [small scale] ours"]
+    assert table.columns == [
+        "CC3M [paper scale] ours",
+        "CC3M [paper scale] published",
+        "CC3M [paper scale] Δ",
+        "CC3M [small scale] ours",
+    ]
     paper, small = table.cell("NeuCLIP", "CC3M [paper scale] ours"), table.cell("NeuCLIP", "CC3M [small scale] ours")
     assert isinstance(paper, Stat) and paper.runs == ["e/cc3m/neuclip/default/seed0"] and paper.mean == 25.0
     assert small.mean == 10.0

@@ -10,101 +10,14 @@ fixture has to start (and then stop) the cluster.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.slurm_support import _logs_hint  # the slurm_cluster fixture comes from conftest
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[1]
-TESTCLUSTER = REPO / "slurm" / "testcluster"
-STATE_DIR = Path(os.environ.get("NEUCLIP_SLURM_DIR", "/tmp/neuclip-slurm"))
-CLIENTS = ("sinfo", "sbatch", "sacct", "scontrol", "squeue", "scancel")
-# Daemons live in /usr/sbin, which a non-root PATH often lacks; only needed when we start the cluster.
-DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
-SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _read_env(env_sh: Path) -> dict[str, str]:
-    """The variables env.sh exports (sourced by bash, so quoting in the file is handled by bash itself)."""
-    out = subprocess.run(
-        ["bash", "-c", 'set -a; source "$1"; env -0', "_", str(env_sh)],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout.decode()
-    pairs = (item.split("=", 1) for item in out.split("\0") if "=" in item)
-    return {k: v for k, v in pairs if k == "SLURM_CONF" or k.startswith("NEUCLIP_")}
-
-
-def _ctld_pid_alive() -> bool:
-    """Cheap pre-check: with slurmctld down, sinfo spends ~9 s retrying before it gives up."""
-    try:
-        pid = int((STATE_DIR / "run" / "slurmctld.pid").read_text().strip())
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return False
-    return "slurmctld" in stat and stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _sinfo_answers(env: dict[str, str]) -> bool:
-    if not _ctld_pid_alive():
-        return False
-    try:
-        r = subprocess.run(["sinfo", "-h"], env={**os.environ, **env}, capture_output=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return False
-    return r.returncode == 0
-
-
-def _logs_hint() -> str:
-    return f"daemon logs: {STATE_DIR}/log/"
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """Environment (SLURM_CONF, ...) of a running test cluster; also applied to os.environ for submitit."""
-    missing = [b for b in CLIENTS if shutil.which(b) is None]
-    missing += [b for b in DAEMONS if shutil.which(b, path=SBIN_PATH) is None]
-    if missing:
-        msg = f"SLURM test cluster needs {', '.join(missing)} on PATH: run .ci/install_debs.sh"
-        if _in_ci():
-            pytest.fail(f"{msg} (CI is set, so a missing SLURM is an error, not a skip)")
-        pytest.skip(msg)
-
-    env_sh = STATE_DIR / "env.sh"
-    started_here = False
-    if not (env_sh.exists() and _sinfo_answers(_read_env(env_sh))):
-        r = subprocess.run(
-            [str(TESTCLUSTER / "start.sh"), str(STATE_DIR)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "PATH": SBIN_PATH},
-        )
-        if r.returncode != 0:
-            # Do not leave a half-started cluster behind (start.sh stops at the first daemon that fails).
-            subprocess.run([str(TESTCLUSTER / "stop.sh"), str(STATE_DIR)], capture_output=True, timeout=300)
-            pytest.fail(f"slurm/testcluster/start.sh failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-        started_here = True
-
-    env = _read_env(env_sh)
-    try:
-        # submitit calls sbatch/sacct with os.environ, so SLURM_CONF must be there, not just in our dict.
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in env.items():
-                mp.setenv(k, v)
-            yield env
-    finally:
-        if started_here:
-            subprocess.run([str(TESTCLUSTER / "stop.sh"), str(STATE_DIR)], capture_output=True, timeout=300)
 
 
 def _run(*cmd: str) -> str:
@@ -150,7 +63,6 @@ def test_submitit_gpu_job_returns_result(slurm_cluster, tmp_path):
     # Defined inside the test so cloudpickle ships it by value: the job's interpreter cannot import this
     # test module (tests/ is not on its sys.path).
     def probe(a, b):
-        import os
 
         return a + b, os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("SLURM_JOB_PARTITION")
 

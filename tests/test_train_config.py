@@ -132,9 +132,7 @@ def test_shipped_configs_load(tmp_path):
 def test_resolve_fills_counts_paths_and_site_defaults(synth_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     site = tmp_path / "site.yaml"
-    site.write_text(
-        "partition: debug\ngpus_per_node: 2\ntime_min: 30\nadditional_parameters: {constraint: x}\n"
-    )
+    site.write_text("partition: debug\ngpus_per_node: 2\ntime_min: 30\nadditional_parameters: {constraint: x}\n")
     shards = str(synth_data / "train" / "{00000..00002}.tar")
     cfg = resolve(
         load_config(
@@ -178,9 +176,7 @@ def test_a_rerun_with_a_changed_config_is_refused(synth_data, tmp_path):
     shards = str(synth_data / "train" / "{00000..00002}.tar")
     cfg = tiny_config(tmp_path / "run", shards, **{"train.max_steps": 2})
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text(
-        yaml.safe_dump({**cfg, "train": {**cfg["train"], "lr": 0.5}})
-    )
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], "lr": 0.5}}))
     assert identity_diff(cfg, yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
     with pytest.raises(ConfigError, match="train.lr"):
         train(cfg)

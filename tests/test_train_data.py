@@ -34,9 +34,7 @@ def _shards(data: Path) -> list[str]:
     return expand_shards(str(data / "train" / "{00000..00002}.tar"))
 
 
-def _stream(
-    shards, tools, *, rank=0, world=1, workers=0, chunk=8, positions=None, buffer=16, seed=0, skip_bad=False
-):
+def _stream(shards, tools, *, rank=0, world=1, workers=0, chunk=8, positions=None, buffer=16, seed=0, skip_bad=False):
     slots = world * max(1, workers)
     return TrainStream(
         shards,

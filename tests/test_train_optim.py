@@ -35,9 +35,7 @@ def test_groups_exclude_gains_biases_and_take_estimator_groups_as_given():
     assert len(decay) + len(no_decay) == sum(p.requires_grad for p in model.parameters())
 
     set_lr(opt, 0.5, {"tau": 1 / 3})
-    assert groups["decay"]["lr"] == pytest.approx(5e-4) and groups["tau"]["lr"] == pytest.approx(
-        2e-4 * 0.5 / 3
-    )
+    assert groups["decay"]["lr"] == pytest.approx(5e-4) and groups["tau"]["lr"] == pytest.approx(2e-4 * 0.5 / 3)
 
 
 def test_warmup_then_cosine_to_zero():

@@ -194,9 +194,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(synth_data, tmp_p
     """Without submitit: SIGTERM -> checkpoint of the step just finished -> exit 75; a rerun finishes."""
     from neuclip.train.trainer import EXIT_PREEMPTED, train
 
-    cfg = tiny_config(
-        tmp_path / "run", shards(synth_data), **{"train.max_steps": 40, "train.checkpoint_every": 1000}
-    )
+    cfg = tiny_config(tmp_path / "run", shards(synth_data), **{"train.max_steps": 40, "train.checkpoint_every": 1000})
     run = Path(cfg["run_dir"])
     proc = subprocess.Popen(
         [sys.executable, "-m", "neuclip.cli", "train", str(write_config(tmp_path / "c.yaml", cfg))],
@@ -206,9 +204,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(synth_data, tmp_p
         text=True,
     )
     deadline = time.time() + 120
-    while not (
-        (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3
-    ):
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)

@@ -102,6 +102,7 @@ IDENTITY_KEYS = [
     "data.shuffle_buffer",
     "method.name",
     "method.options",
+    "method.common_options",
     "train.global_batch_size",
     "train.epochs",
     "train.max_steps",
