@@ -1,0 +1,101 @@
+"""`neuclip bench exact`: the exact-normaliser streaming pass (neuclip/error_study/exact.py) against this
+machine's matmul rate, and its peak memory as n grows (it must stay O(anchor_block x chunk), never n x n).
+
+FLOPs counted: the two (a x d) @ (d x n) similarity products per anchor block (image and text anchors); the
+exp/log-sum-exp work on the (a x chunk) logits is the overhead that keeps the fraction below 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from neuclip.bench.common import command_line, machine_line, matmul_rate, timeit, write_section
+from neuclip.error_study.exact import exact_log_normalizers
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536, 262144], help="n values")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--anchors", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--anchor-block", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write", metavar="MD", help="write the result section into this file (docs/benchmarks.md)")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one pass in a fresh process
+
+
+def _data(n, d):
+    gen = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(n, d, generator=gen), dim=1)
+    return x, F.normalize(x + torch.randn(n, d, generator=gen), dim=1)
+
+
+def _peak_rss_mib(args, n) -> float:
+    """Peak RSS of a fresh process that builds the embeddings and runs one pass (ru_maxrss, KiB on Linux)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "neuclip.cli",
+        "bench",
+        "exact",
+        "--one",
+        str(n),
+        "--dim",
+        str(args.dim),
+        "--anchors",
+        str(args.anchors),
+        "--chunk",
+        str(args.chunk),
+        "--anchor-block",
+        str(args.anchor_block),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    return float(out[-2]) / 1024, float(out[-1]) / 1024
+
+
+def run(args) -> int:
+    if args.one:  # child process of the memory measurement: print baseline and peak RSS in KiB
+        image, text = _data(args.one, args.dim)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        anchors = torch.arange(args.anchors)
+        exact_log_normalizers(image, text, 0.07, 1e-14, anchors, args.chunk, args.anchor_block)
+        print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return 0
+    peak = matmul_rate(args.anchor_block, args.dim, args.chunk)
+    lines = [
+        f"Command: `{command_line()}`",
+        f"Machine: {machine_line()}",
+        "",
+        f"Plain ({args.anchor_block} x {args.dim}) @ ({args.dim} x {args.chunk}) matmul: {peak / 1e9:.1f} GFLOP/s.",
+        f"Exact pass for {args.anchors} anchors against all n (d = {args.dim}, chunk {args.chunk}, "
+        f"anchor block {args.anchor_block}, float32):",
+        "",
+        "| n | seconds | GFLOP/s | fraction of matmul | RSS with embeddings MiB | peak RSS MiB | extra MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in args.sizes:
+        image, text = _data(n, args.dim)
+        anchors = torch.arange(args.anchors)
+
+        def one_pass(image=image, text=text, anchors=anchors):
+            exact_log_normalizers(image, text, 0.07, 1e-14, anchors, args.chunk, args.anchor_block)
+
+        seconds = timeit(one_pass, repeats=args.repeats)
+        rate = 2 * 2.0 * args.anchors * n * args.dim / seconds
+        base, top = _peak_rss_mib(args, n)
+        lines.append(
+            f"| {n} | {seconds:.3f} | {rate / 1e9:.1f} | {rate / peak:.2f} | {base:.0f} | {top:.0f} | "
+            f"{top - base:.0f} |"
+        )
+        print(lines[-1], flush=True)
+    text_out = "\n".join(lines)
+    print(text_out)
+    if args.write:
+        write_section(args.write, "exact", "## Exact normalisers (`neuclip bench exact`)\n\n" + text_out)
+    return 0
