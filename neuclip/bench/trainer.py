@@ -43,8 +43,7 @@ def add_arguments(parser) -> None:
         "--precision",
         choices=["fp32", "bf16"],
         default=None,
-        help="default: bf16 autocast on a GPU, fp32 on CPU (ours: train.precision; open_clip: "
-        "fp32 / amp_bf16)",
+        help="default: bf16 autocast on a GPU, fp32 on CPU (ours: train.precision; open_clip: fp32 / amp_bf16)",
     )
     parser.add_argument("--methods", default="openclip,neuclip", help="our methods to time (comma-separated)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternating order; best kept")
@@ -211,9 +210,7 @@ def run(args) -> int:
     if ours:
         print(f"\nratio ours({ours[0]['method']}) / open_clip_train = {ours[0]['samples_per_s'] / base:.3f}")
     for r in ours[1:]:
-        print(
-            f"step time {r['method']} / {ours[0]['method']} = {r['ms_per_step'] / ours[0]['ms_per_step']:.3f}"
-        )
+        print(f"step time {r['method']} / {ours[0]['method']} = {r['ms_per_step'] / ours[0]['ms_per_step']:.3f}")
     keys = ("model", "batch_size", "steps", "skip", "threads", "workers", "methods", "repeats")
     command = "neuclip bench trainer " + " ".join(
         f"--{k.replace('_', '-')} {shlex.quote(str(v))}"
