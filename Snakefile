@@ -48,6 +48,7 @@ rule tables:
 rule error_study:
     input:
         error_study_outputs(),
+        error_run_outputs(),
 
 
 rule ablations:

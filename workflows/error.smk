@@ -23,3 +23,24 @@ rule error_sweep:
         Path(ERROR_DIR).mkdir(parents=True, exist_ok=True)
         Path(f"{ERROR_DIR}/sweep.yaml").write_text(yaml.safe_dump(params.sweep, sort_keys=False))
         shell("neuclip error sweep {ERROR_DIR}/sweep.yaml --out {ERROR_DIR} --jobs {threads} > {log:q} 2>&1")
+
+
+# Each training run's own estimate against exact normalisers over its training data (newest checkpoint).
+SCORED_METHODS = {"openclip", "sogclr", "fastclip", "amorlip", "neuclip"}
+
+
+def error_run_outputs():
+    return [f"{wf.run_dir(config, r)}/error/error.json" for r in RUNS if r.method in SCORED_METHODS]
+
+
+rule error_run:
+    input:
+        f"{EXP_RUNS}/{RUN}/done.json",
+    output:
+        f"{EXP_RUNS}/{RUN}/error/error.json",
+    params:
+        run=f"{EXP_RUNS}/{RUN}",
+    log:
+        f"{EXP_RUNS}/logs/error_run/{RUN}.log",
+    shell:
+        "neuclip error run {params.run:q} --anchors 2048 > {log:q} 2>&1"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 def register(sub) -> None:
     parser = sub.add_parser("error", help="normaliser-error study: exact normalisers vs each method's estimate")
@@ -16,6 +18,24 @@ def register(sub) -> None:
     sweep.add_argument("--out", required=True, help="output folder")
     sweep.add_argument("--jobs", type=int, default=None, help="parallel processes (overrides the config)")
     sweep.set_defaults(func=run_sweep)
+    one = stages.add_parser(
+        "run",
+        help="error of one training run's own estimate (newest checkpoint) against exact normalisers",
+        description="Embed the run's training data with its newest checkpoint and score the method's estimate.",
+    )
+    one.add_argument("run_dir", help="a `neuclip train` run folder")
+    one.add_argument("--anchors", type=int, default=2048, help="fixed random anchor subset size")
+    one.add_argument("--max-samples", type=int, default=None, help="embed only the first N training samples")
+    one.add_argument("--batch-size", type=int, default=256, help="embedding batch size")
+    one.set_defaults(func=run_one)
+
+
+def run_one(args) -> int:
+    from neuclip.error_study.run_error import score_run
+
+    row = score_run(args.run_dir, anchors=args.anchors, max_samples=args.max_samples, batch=args.batch_size)
+    print(json.dumps(row, indent=2))
+    return 0
 
 
 def run_sweep(args) -> int:
