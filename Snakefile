@@ -35,9 +35,13 @@ include: "workflows/error.smk"
 include: "workflows/report.smk"
 
 
+# `all` names the evaluations and the error study as well as the report: Snakemake regenerates a missing
+# file only when something requested needs it, so a deleted eval result is rerun (and the report after it).
 rule all:
     input:
         rules.report.output,
+        all_eval_summaries(),
+        error_study_outputs(),
 
 
 rule tables:

@@ -29,7 +29,7 @@ def test_overrides_are_dotted_and_yaml_parsed():
     }
     cfg = load_config(None, ["train.lr=1e-3", "method.name=fastclip", "method.options={rho: 6.5}"])
     assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["epochs"] == 1  # defaults kept
-    assert cfg["method"] == {"name": "fastclip", "options": {"rho": 6.5}}
+    assert cfg["method"] == {"name": "fastclip", "options": {"rho": 6.5}, "common_options": {}}
 
 
 @pytest.mark.parametrize(
