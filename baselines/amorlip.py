@@ -25,12 +25,13 @@ import math
 import torch
 
 from neuclip.estimators.base import Batch, Estimator, EstimatorContext, StepOutput
+from neuclip.estimators.inner import InnerOptimizer
 from neuclip.estimators.ops import GlobalView, gather_no_grad, log_eps_g
 from neuclip.estimators.temperature import TEMPERATURE_DEFAULTS, LearnableTemperature
 from neuclip.nets import MLPNPN
 
 
-class AmorLIP(LearnableTemperature, Estimator):
+class AmorLIP(LearnableTemperature, InnerOptimizer, Estimator):
     name = "amorlip"
     description = "amortised normalisers: lambda-MLP regressed on EMA targets"
     defaults = {
@@ -54,22 +55,9 @@ class AmorLIP(LearnableTemperature, Estimator):
             self.online = MLPNPN(ctx.embed_dim, cfg["mlp_factor"])
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.register_buffer("iteration", torch.tensor(0))
-        self._opt: torch.optim.Optimizer | None = None
-        self._pending_opt_state: dict | None = None
 
-    def inner_optimizer(self) -> torch.optim.Optimizer:
-        if self._opt is None:
-            self._opt = torch.optim.Adam(self.online.parameters(), lr=self.cfg["lambda_lr"])
-            if self._pending_opt_state is not None:
-                self._opt.load_state_dict(self._pending_opt_state)
-                self._pending_opt_state = None
-        return self._opt
-
-    def get_extra_state(self) -> dict:
-        return {"inner_optimizer": self._opt.state_dict() if self._opt is not None else self._pending_opt_state}
-
-    def set_extra_state(self, state: dict) -> None:
-        self._opt, self._pending_opt_state = None, state["inner_optimizer"]
+    def make_inner_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.online.parameters(), lr=self.cfg["lambda_lr"])
 
     def beta(self, step: int) -> float:
         span = self.cfg["beta_warmup_steps"] or self.ctx.total_steps

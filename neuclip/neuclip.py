@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from neuclip.estimators.base import Batch, Estimator, EstimatorContext, StepOutput
+from neuclip.estimators.inner import InnerOptimizer
 from neuclip.estimators.ops import GlobalView, gather_no_grad, log_eps_g, world
 from neuclip.estimators.temperature import TEMPERATURE_DEFAULTS, LearnableTemperature
 from neuclip.nets import MLPNPN, PrototypeNPN
@@ -46,7 +47,7 @@ def unified_terms(log_g: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_g - alpha) + alpha - 1.0
 
 
-class NeuCLIP(LearnableTemperature, Estimator):
+class NeuCLIP(LearnableTemperature, InnerOptimizer, Estimator):
     name = "neuclip"
     description = "NeuCLIP: prototype normaliser-prediction network, unified objective"
     defaults = {
@@ -83,24 +84,15 @@ class NeuCLIP(LearnableTemperature, Estimator):
         self.register_buffer("bank_image", torch.zeros(m, d))
         self.register_buffer("bank_count", torch.tensor(0))
         self.register_buffer("iteration", torch.tensor(0))
-        self._opt: torch.optim.Optimizer | None = None
-        self._pending_opt_state: dict | None = None
 
-    # -- inner optimiser (created lazily so that it lives on the device the module was moved to) --------
-    def inner_optimizer(self) -> torch.optim.Optimizer:
-        if self._opt is None:
-            self._opt = torch.optim.Adagrad(self.npn.parameters(), lr=self.cfg["npn_lr"])
-            if self._pending_opt_state is not None:
-                self._opt.load_state_dict(self._pending_opt_state)
-                self._pending_opt_state = None
-        return self._opt
+    def make_inner_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adagrad(self.npn.parameters(), lr=self.cfg["npn_lr"])
 
     def get_extra_state(self) -> dict:
-        opt_state = self._opt.state_dict() if self._opt is not None else self._pending_opt_state
-        return {"inner_optimizer": opt_state, "generator": self.generator.get_state()}
+        return {**super().get_extra_state(), "generator": self.generator.get_state()}
 
     def set_extra_state(self, state: dict) -> None:
-        self._opt, self._pending_opt_state = None, state["inner_optimizer"]
+        super().set_extra_state(state)
         self.generator.set_state(state["generator"])
 
     # -- the two blocks -----------------------------------------------------------------------------------
@@ -141,7 +133,7 @@ class NeuCLIP(LearnableTemperature, Estimator):
             self.npn.w1.copy_(self._draw(texts, m))
             self.npn.w2.copy_(self._draw(images, m))
         if self.cfg["reset_adagrad"]:
-            self._opt, self._pending_opt_state = None, None
+            self.reset_inner_optimizer()
 
     def forward(self, batch: Batch) -> StepOutput:
         view = GlobalView(batch.image, batch.text, batch.ids)
@@ -191,14 +183,14 @@ class NeuCLIP(LearnableTemperature, Estimator):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        if self.cfg["updates"] == "simultaneous" and self._opt is not None:
+        if self.cfg["updates"] == "simultaneous" and self._inner_opt is not None:
             _, size = world()
             if size > 1:
                 for p in self.npn.parameters():
                     if p.grad is not None:
                         dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-            self._opt.step()
-            self._opt.zero_grad(set_to_none=True)
+            self._inner_opt.step()
+            self._inner_opt.zero_grad(set_to_none=True)
         self.project_temperature()
 
     @torch.no_grad()
