@@ -8,9 +8,9 @@ exp/log-sum-exp work on the (a x chunk) logits is the overhead that keeps the fr
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,15 @@ def _data(n, d):
     return x, F.normalize(x + torch.randn(n, d, generator=gen), dim=1)
 
 
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _peak_rss_mib(args, n) -> float:
-    """Peak RSS of a fresh process that builds the embeddings and runs one pass (ru_maxrss, KiB on Linux)."""
+    """RSS with the embeddings, and peak RSS during one pass, of a fresh process (MiB)."""
     cmd = [
         sys.executable,
         "-m",
@@ -60,12 +67,13 @@ def _peak_rss_mib(args, n) -> float:
 
 
 def run(args) -> int:
-    if args.one:  # child process of the memory measurement: print baseline and peak RSS in KiB
+    if args.one:  # child process of the memory measurement: print RSS before and peak RSS during, in KiB
         image, text = _data(args.one, args.dim)
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         anchors = torch.arange(args.anchors)
+        base = _rss_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS (Linux >= 4.0)
         exact_log_normalizers(image, text, 0.07, 1e-14, anchors, args.chunk, args.anchor_block)
-        print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        print(base, _rss_kib("VmHWM"))
         return 0
     peak = matmul_rate(args.anchor_block, args.dim, args.chunk)
     lines = [
