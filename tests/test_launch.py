@@ -15,7 +15,7 @@ import torch
 
 from neuclip.train import checkpoint as ckpt
 from neuclip.train.config import ConfigError
-from neuclip.train.testing import tensors_equal, tiny_config, write_config
+from neuclip.train.testing import last_logged_step, run_attempts, tensors_equal, tiny_config, write_config
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -23,21 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _shards(data: Path) -> str:
     return str(data / "train" / "{00000..00002}.tar")
-
-
-def _attempts(run_dir: Path) -> list[dict]:
-    try:
-        return json.loads((run_dir / "provenance.json").read_text())["attempts"]
-    except (OSError, ValueError):
-        return []
-
-
-def _last_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (OSError, ValueError):
-        return 0
 
 
 @pytest.mark.slow
@@ -78,8 +63,8 @@ def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_da
     )
     interrupted = False
     while not job.done():
-        attempts = _attempts(run_dir)
-        if not interrupted and len(attempts) == 1 and _last_step(run_dir) >= steps // 3:
+        attempts = run_attempts(run_dir)
+        if not interrupted and len(attempts) == 1 and last_logged_step(run_dir) >= steps // 3:
             os.kill(attempts[0]["pid"], signal.SIGUSR2)  # what the controller sends its tasks at the limit
             interrupted = True
         time.sleep(0.2)

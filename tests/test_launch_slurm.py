@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import tensors_equal, tiny_config
+from neuclip.train.testing import last_logged_step, run_attempts, tensors_equal, tiny_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 torch.set_num_threads(1)
@@ -27,21 +27,6 @@ STATE_DIR = Path(os.environ.get("NEUCLIP_SLURM_DIR", "/tmp/neuclip-slurm"))
 @pytest.fixture(scope="module")
 def slurm_env(slurm_cluster):
     return slurm_cluster
-
-
-def _attempts(run_dir: Path) -> list[dict]:
-    try:
-        return json.loads((run_dir / "provenance.json").read_text())["attempts"]
-    except (OSError, ValueError):
-        return []
-
-
-def _last_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (OSError, ValueError):
-        return 0
 
 
 def test_slurm_job_reattaches_requeues_on_preemption_and_resumes(slurm_env, synth_data, tmp_path):
@@ -72,7 +57,7 @@ def test_slurm_job_reattaches_requeues_on_preemption_and_resumes(slurm_env, synt
     train(ref)  # the uninterrupted reference, meanwhile
 
     deadline = time.time() + 240
-    while len(_attempts(run_dir)) < 1 or _last_step(run_dir) < steps // 3:
+    while len(run_attempts(run_dir)) < 1 or last_logged_step(run_dir) < steps // 3:
         assert time.time() < deadline, "the SLURM job did not start training"
         assert not (run_dir / "done.json").exists(), "finished before it could be preempted"
         time.sleep(0.2)
@@ -80,7 +65,7 @@ def test_slurm_job_reattaches_requeues_on_preemption_and_resumes(slurm_env, synt
     subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True, timeout=30)
     assert launch.wait(again) == 0, f"see {job.paths.folder}"
 
-    attempts = _attempts(run_dir)
+    attempts = run_attempts(run_dir)
     assert len(attempts) >= 2 and attempts[-1]["resumed_from_step"] > 0, attempts
     assert all(a["slurm_job_id"] == str(job.job_id) for a in attempts)  # requeued, not resubmitted
     a = torch.load(ckpt.checkpoint_path(Path(ref["run_dir"]) / "checkpoints", steps), weights_only=True)

@@ -3,6 +3,7 @@ comparison. Not used by training itself."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -30,8 +31,7 @@ def tiny_overrides(run_dir: str | Path, shards: str, **extra) -> list[str]:
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [
-        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-        for k, v in base.items()
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in base.items()
     ]
 
 
@@ -62,3 +62,20 @@ def tensors_equal(a, b, path: str = "") -> list[str]:
             return [f"{path} length"]
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in tensors_equal(x, y, f"{path}[{i}]")]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def run_attempts(run_dir: Path) -> list[dict]:
+    """The attempt records a run folder's provenance.json holds so far ([] while it is not written yet)."""
+    try:
+        return json.loads((Path(run_dir) / "provenance.json").read_text())["attempts"]
+    except (OSError, ValueError):
+        return []
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The step of the last metrics.jsonl line (0 while there is none)."""
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError):
+        return 0
