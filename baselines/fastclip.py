@@ -38,9 +38,8 @@ class GlobalContrastive(LearnableTemperature, PerSampleEstimator):
         tau = self.tau.to(d1.dtype)
         h1, h2 = d1 / tau, d2 / tau
         eps = self.cfg["eps"]
-        a1, a2 = self.update_state(
-            view, log_eps_g(h1, view.mask, eps), log_eps_g(h2, view.mask, eps), self.gamma(batch.epoch)
-        )
+        gamma = self.gamma(batch.epoch)
+        a1, a2 = self.update_state(view, log_eps_g(h1, view.mask, eps), log_eps_g(h2, view.mask, eps), gamma)
         w1, w2 = fcco_weights(h1, view.mask, a1), fcco_weights(h2, view.mask, a2)
         if self.objective == "gcl":
             surrogate = ((w1 * h1).sum(1) + (w2 * h2).sum(1)).mean()
@@ -54,7 +53,7 @@ class GlobalContrastive(LearnableTemperature, PerSampleEstimator):
             value = tau.detach() * (a1 + a2).mean() + 2 * rho * tau.detach()
         stats = {
             "tau": self.temperature(),
-            "gamma": self.gamma(batch.epoch),
+            "gamma": gamma,
             "alpha1_mean": float(a1.mean()),
             "alpha2_mean": float(a2.mean()),
         }

@@ -54,9 +54,8 @@ class ISogCLR(PerSampleEstimator):
         tau2 = self.tau2[ids].to(d1.device, d1.dtype)
         h1, h2 = d1 / tau1[:, None], d2 / tau2[:, None]
         eps, rho = self.cfg["eps"], self.cfg["rho"]
-        a1, a2 = self.update_state(
-            view, log_eps_g(h1, view.mask, eps), log_eps_g(h2, view.mask, eps), self.gamma(batch.epoch)
-        )
+        gamma = self.gamma(batch.epoch)
+        a1, a2 = self.update_state(view, log_eps_g(h1, view.mask, eps), log_eps_g(h2, view.mask, eps), gamma)
         w1, w2 = fcco_weights(h1, view.mask, a1), fcco_weights(h2, view.mask, a2)
         surrogate = ((w1 * d1).sum(1) + (w2 * d2).sum(1)).mean()
         with torch.no_grad():
@@ -67,7 +66,7 @@ class ISogCLR(PerSampleEstimator):
             self._update_temperatures(view.all_ids, gather_no_grad(grad1), gather_no_grad(grad2))
         stats = {
             "tau": float(torch.cat([tau1, tau2]).mean()),
-            "gamma": self.gamma(batch.epoch),
+            "gamma": gamma,
             "alpha1_mean": float(a1.mean()),
             "alpha2_mean": float(a2.mean()),
         }

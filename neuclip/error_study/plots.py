@@ -21,6 +21,14 @@ COLOURS = {
 }
 
 
+def finish(fig, axes, metric: str, title: str, stem: Path) -> None:
+    """Shared labels, legend outside the last panel, title, then save."""
+    axes[0][0].set_ylabel(LABELS.get(metric, metric))
+    axes[0][-1].legend(title="estimator", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(title)
+    save(fig, stem)
+
+
 def save(fig, stem: Path) -> None:
     for ext in ("png", "pdf"):
         fig.savefig(f"{stem}.{ext}", dpi=130, bbox_inches="tight")
@@ -45,10 +53,7 @@ def plot_error_vs_ratio(frame: pd.DataFrame, stem: Path, metric: str = "mse_log"
         ax.set_xlabel("data set size / global batch size (n/B)")
         ax.set_title(f"global batch B = {b}, {int(part['steps'].iloc[0])} steps")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel(LABELS.get(metric, metric))
-    axes[0][-1].legend(title="estimator", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle("Normaliser estimation error against n/B (shadow estimators, one trajectory)")
-    save(fig, stem)
+    finish(fig, axes, metric, "Normaliser estimation error against n/B (shadow estimators, one trajectory)", stem)
 
 
 def plot_error_over_steps(frame: pd.DataFrame, stem: Path, metric: str = "mse_log") -> None:
@@ -67,7 +72,4 @@ def plot_error_over_steps(frame: pd.DataFrame, stem: Path, metric: str = "mse_lo
         ax.set_xlabel("training step")
         ax.set_title(f"n/B = {ratio:g} (B = {b})")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel(LABELS.get(metric, metric))
-    axes[0][-1].legend(title="estimator", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle("Normaliser estimation error over training")
-    save(fig, stem)
+    finish(fig, axes, metric, "Normaliser estimation error over training", stem)

@@ -395,16 +395,7 @@ def resolve(cfg: dict, base_dir: str | Path | None = None) -> dict:
             site_path = base.resolve() / site_path
         la["site"] = str(site_path)
         site = load_site(site_path)
-        for key in (
-            "partition",
-            "account",
-            "qos",
-            "gpu_type",
-            "gpus_per_node",
-            "cpus_per_task",
-            "mem_gb",
-            "max_num_timeout",
-        ):
+        for key in sorted(SITE_KEYS - {"time_min", "additional_parameters"}):  # same names in both files
             if la[key] is None and site.get(key) is not None:
                 la[key] = site[key]
         if la["timeout_min"] is None and site.get("time_min") is not None:
