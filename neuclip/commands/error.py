@@ -25,7 +25,9 @@ def register(sub) -> None:
     )
     one.add_argument("run_dir", help="a `neuclip train` run folder")
     one.add_argument("--anchors", type=int, default=2048, help="fixed random anchor subset size")
-    one.add_argument("--max-samples", type=int, default=None, help="embed only the first N training samples")
+    one.add_argument(
+        "--shards", type=int, default=None, help="embed only the first N training shards (exact alpha* over those)"
+    )
     one.add_argument("--batch-size", type=int, default=256, help="embedding batch size")
     one.set_defaults(func=run_one)
 
@@ -33,7 +35,7 @@ def register(sub) -> None:
 def run_one(args) -> int:
     from neuclip.error_study.run_error import score_run
 
-    row = score_run(args.run_dir, anchors=args.anchors, max_samples=args.max_samples, batch=args.batch_size)
+    row = score_run(args.run_dir, anchors=args.anchors, shards=args.shards, batch=args.batch_size)
     print(json.dumps(row, indent=2))
     return 0
 

@@ -1,54 +1,138 @@
-"""Normaliser error of one finished (or checkpointed) training run: `neuclip error run RUN_DIR`.
+"""A training run's own normaliser error: its embeddings of its training data, exact alpha* and its estimate.
 
-Loads the run's newest checkpoint (model + estimator state), embeds its training data in shard order with
-the model's *evaluation* transform (deterministic; training saw augmented views, a small difference),
-computes the exact alpha* at the estimator's current temperature for a fixed random anchor subset against all
-embedded samples, and scores the method's own estimate (METHOD §6.3). Writes RUN/error/error.json and .csv.
+Two callers share `measure`:
+- `neuclip error run RUN_DIR` (`score_run`): the run's newest checkpoint, written to RUN/error/error.{json,csv};
+- the trainer's `error.every` hook (neuclip/error_study/tracking.py): every K steps during training.
+
+The data is embedded with the model's *evaluation* transform (deterministic; training saw augmented views, a
+small difference), sorted by sample id so that the result does not depend on the number of reader processes.
+The exact alpha* at the estimator's current temperature is computed for a fixed random anchor subset against
+every embedded sample, and the method's own estimate is scored (METHOD §6.3).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from neuclip.error_study.estimates import SCORED_KINDS, score
 from neuclip.error_study.exact import exact_log_normalizers
 
 
+class ShardImages(IterableDataset):
+    """(image tensor, caption, sample id) of every sample of `shards`; worker w reads shards w, w+W, ...
+
+    With `skip_bad` (the run's data.skip_bad) an unreadable shard or sample is skipped, as training skipped
+    it; otherwise it is an error naming the shard and key.
+    """
+
+    def __init__(self, shards: list[str], transform, skip_bad: bool = False):
+        self.shards, self.transform, self.skip_bad = shards, transform, skip_bad
+
+    def __iter__(self):
+        from neuclip.data.shards import ShardError, iter_samples
+
+        info = get_worker_info()
+        mine = self.shards[info.id :: info.num_workers] if info else self.shards
+        for shard in mine:
+            try:
+                for sample in iter_samples(Path(shard)):
+                    try:
+                        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+                        key = int(json.loads(sample["json"])["key"])
+                        item = (self.transform(image), sample["txt"].decode("utf-8"), key)
+                    except Exception as err:  # noqa: BLE001 - any decode problem of one sample
+                        if self.skip_bad:
+                            continue
+                        raise ValueError(
+                            f"{shard}: sample {sample['__key__']} cannot be read ({err}); fix the data or set "
+                            "data.skip_bad=true"
+                        ) from err
+                    yield item
+            except ShardError as err:
+                if not self.skip_bad:
+                    raise ValueError(f"{shard}: {err}; fix the data or set data.skip_bad=true") from err
+
+
+def _collate(items):
+    images, texts, ids = zip(*items)
+    return torch.stack(images), list(texts), torch.tensor(ids)
+
+
 @torch.no_grad()
-def embed_shards(model, transform, tokenizer, pattern: str, max_samples: int | None, batch: int, device):
-    """(image, text, ids) embeddings of the samples of `pattern`, in shard order."""
-    from neuclip.data.shards import expand_pattern, iter_samples
+def embed_shards(
+    model,
+    transform,
+    tokenizer,
+    shards: list[str],
+    batch: int,
+    device,
+    workers: int = 0,
+    skip_bad: bool = False,
+    bf16: bool = False,
+):
+    """(image, text, ids): L2-normalised float32 embeddings on `device`, rows sorted by sample id."""
+    loader = DataLoader(
+        ShardImages(shards, transform, skip_bad),
+        batch_size=batch,
+        num_workers=workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
+    out: tuple[list, list, list] = ([], [], [])
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        for images, texts, ids in loader:
+            out[0].append(model.encode_image(images.to(device), normalize=True).float())
+            out[1].append(model.encode_text(tokenizer(texts).to(device), normalize=True).float())
+            out[2].append(ids.to(device))
+    if not out[0]:
+        raise ValueError(f"no samples could be read from {len(shards)} shard(s), e.g. {shards[0]}")
+    image, text, ids = (torch.cat(parts) for parts in out)
+    order = torch.argsort(ids)
+    if bool((ids[order][1:] == ids[order][:-1]).any()):
+        raise ValueError("duplicate sample ids in the training shards: run `neuclip data check` on them")
+    # re-normalise: bf16 encoders return unit vectors only to bf16 precision
+    return (
+        torch.nn.functional.normalize(image[order], dim=1),
+        torch.nn.functional.normalize(text[order], dim=1),
+        ids[order],
+    )
 
-    images, texts, ids, out = [], [], [], ([], [], [])
 
-    def flush():
-        if images:
-            out[0].append(model.encode_image(torch.stack(images).to(device), normalize=True).float().cpu())
-            out[1].append(model.encode_text(tokenizer(texts).to(device), normalize=True).float().cpu())
-            out[2].append(torch.tensor(ids))
-            images.clear(), texts.clear(), ids.clear()
-
-    seen = 0
-    for shard in expand_pattern(pattern):
-        for sample in iter_samples(shard):
-            if max_samples is not None and seen >= max_samples:
-                break
-            images.append(transform(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
-            texts.append(sample["txt"].decode("utf-8"))
-            ids.append(int(json.loads(sample["json"])["key"]))
-            seen += 1
-            if len(images) == batch:
-                flush()
-    flush()
-    return torch.cat(out[0]), torch.cat(out[1]), torch.cat(out[2])
+def anchor_positions(n: int, anchors: int, seed: int) -> torch.Tensor:
+    """A fixed random subset of row positions (rows are sorted by id, so the subset is a fixed set of ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[: min(anchors, n)]
 
 
-def score_run(run_dir, anchors: int = 2048, max_samples: int | None = None, batch: int = 256, seed: int = 0):
+@torch.no_grad()
+def measure(estimator, image, text, ids, anchors: torch.Tensor, batch_size: int, seed: int) -> dict:
+    """The estimator's error against the exact alpha* of `anchors` (positions) over all n embedded rows."""
+    tau, eps = float(estimator.temperature()), estimator.cfg.get("eps", 1e-14)
+    anchors = anchors.to(image.device)
+    exact = exact_log_normalizers(image, text, tau, eps, anchors=anchors, accumulate="float64")
+    gen = torch.Generator().manual_seed(seed)  # the mini-batch estimator's random partition (CPU generator)
+    row = score(estimator, image, text, ids, anchors, tau, eps, batch_size, gen, exact)
+    return {
+        "n": int(image.shape[0]),
+        "batch_size": batch_size,
+        "n_over_b": image.shape[0] / batch_size,
+        "tau": tau,
+        "anchors": int(anchors.numel()),
+        "alpha_star_mean": float(torch.cat(exact).mean()),
+        **(row or {}),
+    }
+
+
+def score_run(run_dir, anchors: int = 2048, shards: int | None = None, batch: int = 256, seed: int = 0):
+    """Score the run's newest checkpoint over its training data (only the first `shards` shards if given)."""
+    from neuclip.data.shards import expand_pattern
     from neuclip.estimators import EstimatorContext
     from neuclip.estimators.registry import build_estimator
     from neuclip.export import create_model
@@ -71,26 +155,19 @@ def score_run(run_dir, anchors: int = 2048, max_samples: int | None = None, batc
     est.load_state_dict(state["estimator"])
     if est.estimate_kind not in SCORED_KINDS:
         raise ValueError(f"{method['name']} has no normaliser estimate to score (estimate_kind={est.estimate_kind})")
-    image, text, ids = embed_shards(model, eval_tf, tokenizer, cfg["data"]["train_shards"], max_samples, batch, "cpu")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(image.shape[0], generator=gen)[: min(anchors, image.shape[0])]
-    tau, eps = est.temperature(), est.cfg.get("eps", 1e-14)
-    exact = exact_log_normalizers(image, text, tau, eps, anchors=idx, accumulate="float64")
-    batch_size = cfg["train"]["global_batch_size"]
-    # per-sample state is indexed by sample id; score() takes positions, so map positions -> ids via `ids`
-    row = score(est, image, text, ids, idx, tau, eps, batch_size, gen, exact)
+    t0 = time.perf_counter()
+    files = [str(p) for p in expand_pattern(cfg["data"]["train_shards"])][:shards]
+    image, text, ids = embed_shards(model, eval_tf, tokenizer, files, batch, "cpu", skip_bad=cfg["data"]["skip_bad"])
+    row = measure(
+        est, image, text, ids, anchor_positions(image.shape[0], anchors, seed), cfg["train"]["global_batch_size"], seed
+    )
     row = {
         "run": str(run_dir),
         "method": method["name"],
         "checkpoint": path.name,
         "step": int(state["step"]),
-        "n": int(image.shape[0]),
-        "batch_size": batch_size,
-        "n_over_b": image.shape[0] / batch_size,
-        "tau": tau,
-        "anchors": int(idx.numel()),
-        "alpha_star_mean": float(torch.cat(exact).mean()),
         **row,
+        "seconds": round(time.perf_counter() - t0, 3),
     }
     out = run_dir / "error"
     out.mkdir(exist_ok=True)

@@ -56,6 +56,13 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,  # steps between metrics.jsonl lines (the last step is always logged)
         "threads": None,  # torch.set_num_threads; null = torch's default
     },
+    # Normaliser error during training (neuclip/error_study/tracking.py): does not change the run.
+    "error": {
+        "every": 0,  # steps between measurements (and the last step); 0 = off
+        "anchors": 1024,  # fixed random anchor subset whose exact alpha* is computed
+        "shards": None,  # embed only the first N training shards (null = all; fewer biases alpha* low)
+        "batch_size": 256,  # embedding batch size
+    },
     "launcher": {
         "executor": "inprocess",
         "nodes": 1,
@@ -287,6 +294,12 @@ def validate(cfg: dict) -> None:
         "train.threads",
         "must be an integer >= 1 or null",
     )
+    e = cfg["error"]
+    need(_is_int(e["every"]) and e["every"] >= 0, "error.every", "must be an integer >= 0 (0 = off)")
+    need(_is_int(e["anchors"]) and e["anchors"] >= 1, "error.anchors", "must be an integer >= 1")
+    need(e["shards"] is None or (_is_int(e["shards"]) and e["shards"] >= 1), "error.shards",
+         "must be an integer >= 1 or null")
+    need(_is_int(e["batch_size"]) and e["batch_size"] >= 1, "error.batch_size", "must be an integer >= 1")
     la = cfg["launcher"]
     need(la["executor"] in EXECUTORS, "launcher.executor", f"must be one of {', '.join(EXECUTORS)}")
     for key in (

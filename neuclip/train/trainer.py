@@ -12,8 +12,8 @@ non-finite loss, statistic or gradient norm stops the run *before* the optimiser
 checkpoint stays the last good state. Under submitit, after the checkpoint the signal is handed on to
 submitit's own handler, which requeues the job.
 
-Run folder: config.yaml, provenance.json, metrics.jsonl, checkpoints/, model/ (open_clip local-dir export)
-and done.json, written last.
+Run folder: config.yaml, provenance.json, metrics.jsonl, error_curve.jsonl (with `error.every`, see
+neuclip/error_study/tracking.py), checkpoints/, model/ (open_clip local-dir export) and done.json, written last.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from neuclip.error_study.tracking import CURVE_FILE, ErrorTracker
 from neuclip.estimators.base import Batch
 from neuclip.train import checkpoint as ckpt
 from neuclip.train.config import ConfigError, dump, identity_diff, yaml_load
@@ -415,7 +416,7 @@ class _Trainer:
             dist.barrier()
 
         _seed_everything(cfg["seed"])
-        model, train_tf, _, tokenizer = create_model(cfg["model"], device=self.device)
+        model, train_tf, eval_tf, tokenizer = create_model(cfg["model"], device=self.device)
         for name in ("logit_scale", "logit_bias"):  # the estimator owns the temperature (and SigLIP's bias)
             p = getattr(model, name, None)
             if isinstance(p, torch.nn.Parameter):
@@ -434,14 +435,19 @@ class _Trainer:
         self.optimizer = build_optimizer(model, self.estimator, t)
         self.est_params = [p for g in self.estimator.param_groups() for p in g["params"] if p.requires_grad]
 
+        shards = expand_shards(d["train_shards"])
+        self.error_tracker = ErrorTracker(cfg, self.estimator, shards, self.rank, self.world, self.precision == "bf16")
+        self.eval_tf, self.tokenizer = eval_tf, tokenizer
+
         start, positions = self._load()
         self.last_saved = start
         if self.rank == 0:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", start)
+            for name in ("metrics.jsonl", CURVE_FILE):
+                _truncate_metrics(self.run_dir / name, start)
             self._write_provenance(start)
 
         stream = TrainStream(
-            expand_shards(d["train_shards"]),
+            shards,
             seed=cfg["seed"],
             rank=self.rank,
             world_size=self.world,
@@ -580,6 +586,8 @@ class _Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.4f}", tau=f"{last['tau']:.4f}")
                     window_start, window_steps, data_s = now, 0, 0.0
+                if self.error_tracker.due(step, total):  # before the checkpoint: a resume never repeats it
+                    self.error_tracker(step, step / spe, _unwrap(self.model), self.eval_tf, self.tokenizer, self.device)
                 if step < total and step % t["checkpoint_every"] == 0:
                     self._save(step)
                 if stop and step < total:

@@ -1,0 +1,86 @@
+"""Normaliser error tracked *during* training (config section `error`, METHOD.md §6).
+
+Every `error.every` steps (and at the last step) rank 0 embeds the training data with the current model and
+its evaluation transform, computes the exact alpha* of a fixed random anchor subset and scores the
+estimator's own estimate, appending one line to RUN/error_curve.jsonl. The measurement must not change the
+run: it works under no_grad in eval mode (no dropout, no BatchNorm statistics update) and restores every RNG
+afterwards, so a run with tracking on is bit-identical to one with it off (tested). Other ranks wait at a
+barrier. A method without a normaliser estimate (SigLIP, iSogCLR) gets a note and no curve.
+
+Cost per measurement: one forward pass over the embedded data plus an anchors x n matmul; `error.shards`
+limits the embedded data to the first N shards (the exact alpha* is then over those samples only, which
+biases it low at small tau: prefer all shards and a larger `every`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from neuclip.error_study.estimates import SCORED_KINDS
+from neuclip.error_study.run_error import anchor_positions, embed_shards, measure
+from neuclip.train import checkpoint as ckpt
+
+CURVE_FILE = "error_curve.jsonl"
+
+
+class ErrorTracker:
+    def __init__(self, cfg: dict, estimator, shards: list[str], rank: int, world: int, bf16: bool):
+        e = cfg["error"]
+        self.every, self.anchors, self.batch = e["every"], e["anchors"], e["batch_size"]
+        self.shards = shards[: e["shards"]] if e["shards"] else shards
+        self.seed = cfg["seed"]
+        self.estimator, self.rank, self.world, self.bf16 = estimator, rank, world, bf16
+        self.batch_size, self.workers, self.skip_bad = (
+            cfg["train"]["global_batch_size"],
+            cfg["data"]["workers"],
+            cfg["data"]["skip_bad"],
+        )
+        self.path = Path(cfg["run_dir"]) / CURVE_FILE
+        self.enabled = bool(self.every) and estimator.estimate_kind in SCORED_KINDS
+        if self.every and not self.enabled and rank == 0:
+            print(
+                f"neuclip train: error.every is set but {cfg['method']['name']} keeps no normaliser estimate "
+                f"(estimate_kind={estimator.estimate_kind}); no error curve is written",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def due(self, step: int, total: int) -> bool:
+        return self.enabled and (step % self.every == 0 or step == total)
+
+    def __call__(self, step: int, epoch: float, model, transform, tokenizer, device) -> None:
+        if self.rank == 0:
+            t0 = time.perf_counter()
+            rng, was_training = ckpt.rng_state(), model.training
+            model.eval()
+            try:
+                image, text, ids = embed_shards(
+                    model,
+                    transform,
+                    tokenizer,
+                    self.shards,
+                    self.batch,
+                    device,
+                    self.workers,
+                    self.skip_bad,
+                    self.bf16,
+                )
+                anchors = anchor_positions(image.shape[0], self.anchors, self.seed)
+                row = measure(self.estimator, image, text, ids, anchors, self.batch_size, self.seed)
+                del image, text, ids
+            finally:
+                model.train(was_training)
+                ckpt.set_rng_state(rng)
+            row = {"step": step, "epoch": epoch, **row, "seconds": round(time.perf_counter() - t0, 3)}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        if self.world > 1:
+            dist.barrier()
