@@ -171,6 +171,7 @@ def train_config(config: dict, run: Run) -> dict:
         ),
         "method": dict(zip(("name", "options", "common_options"), (run.method, *method_options(config, run)))),
         "train": deep_merge(config.get("train") or {}, ds.get("train")),
+        "error": deep_merge(config.get("error_tracking") or {}, ds.get("error_tracking")),
         "launcher": launcher,
         "meta": {
             "experiment": config["experiment"],

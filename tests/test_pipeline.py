@@ -48,13 +48,18 @@ def test_tiny_pipeline_produces_every_table_and_plot(local_run):
     for table in ("main", "retrieval", "stress", "runs", "fastclip_comparison"):
         for ext in ("csv", "md", "tex", "provenance.json"):
             assert (results / "tables" / f"{table}.{ext}").is_file(), f"{table}.{ext}"
-    for plot in ("error_vs_ratio", "error_over_steps", "training_synthetic_tiny"):
+    for plot in ("error_vs_ratio", "error_over_steps", "training_synthetic_tiny", "error_training_synthetic_tiny"):
         assert (results / "plots" / f"{plot}.png").is_file() and (results / "plots" / f"{plot}.pdf").is_file()
     main = (results / "tables" / "main.md").read_text()
     rows = [line for line in main.splitlines() if line.startswith("| ") and "method" not in line]
     assert [row.split("|")[1].strip() for row in rows] == METHODS, main
     assert not any("—" in row for row in rows), main  # every cell filled
     assert "Nothing is missing" in (results / "tables" / "missing.md").read_text()
+    # error tracked during training (error_tracking.every = 48 of 192 steps) for every method with an estimate
+    curves = pd.read_csv(results / "tables" / "error_curves.csv")
+    assert set(curves["method"]) == {"openclip", "sogclr", "fastclip", "amorlip", "neuclip"}
+    assert all(sorted(part["step"]) == [48, 96, 144, 192] for _, part in curves.groupby("method"))
+    assert (curves["n"] == 4096).all() and (curves["mse_log"] >= 0).all()
 
 
 def test_rerun_schedules_nothing_and_a_deleted_eval_reruns_alone(local_run):

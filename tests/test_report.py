@@ -182,6 +182,7 @@ def test_plots_and_index(out):
         "ablation_synthetic_tiny",
         "error_vs_ratio",
         "error_over_steps",
+        "error_training_synthetic_tiny",
     ]
     for stem in stems:
         for ext in ("png", "pdf"):
@@ -192,6 +193,17 @@ def test_plots_and_index(out):
     assert "tables/missing.md" in index
     tex = (out / "tables" / "ablation_synthetic_tiny.tex").read_text()
     assert r"NeuCLIP: T\_u=1 & 46.00 $\pm$ 0.00 (n=2)" in tex and r"\begin{tabular}{lrrr}" in tex
+
+
+def test_error_curves_table_holds_default_runs_only(out):
+    curves = pd.read_csv(out / "tables" / "error_curves.csv")
+    # tiny: 4 methods x 2 seeds, 4 points each; the ablation variant's curve is left out; paper runs have none
+    assert len(curves) == 4 * 2 * 4
+    assert set(curves["method"]) == {"openclip", "sogclr", "fastclip", "neuclip"}
+    assert set(curves["scale"]) == {"tiny"} and set(curves["step"]) == {25, 50, 75, 100}
+    row = curves[(curves["method"] == "neuclip") & (curves["seed"] == 1) & (curves["step"] == 50)].iloc[0]
+    assert row["mse_log"] == pytest.approx((0.05 + 0.02 * 3) * 1.1 * 3)
+    assert "error_training_cc3m_paper.png" not in {p.name for p in (out / "plots").iterdir()}
 
 
 def test_expect_file_and_stale_outputs(tmp_path):

@@ -93,6 +93,8 @@ def test_paper_runs_and_their_configs():
     assert tc["data"]["data_size"] == 3318333
     assert tc["method"]["common_options"]["rho"] == 6.5 and tc["method"]["common_options"]["gamma_decay_epochs"] == 18
     assert tc["launcher"]["nodes"] == 1 and tc["launcher"]["gpus_per_node"] == 4
+    assert tc["error"] == {"every": 10000, "anchors": 4096, "batch_size": 512}  # tracked on CC3M only
+    assert wf.train_config(cfg, wf.Run("cc12m", "fastclip", "default", 0))["error"]["every"] == 0
     assert tc["meta"] == {
         "experiment": "paper",
         "dataset": "cc3m",

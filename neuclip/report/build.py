@@ -59,11 +59,18 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, expect: str | Path |
     write_atomic(tdir / "missing.md", missing_md)
     written.append(tdir / "missing.md")
 
+    curves = plots.error_curves(runs)
+    if not curves.empty:  # the data behind the error-over-training plots
+        tdir.mkdir(parents=True, exist_ok=True)
+        write_atomic(tdir / "error_curves.csv", curves.to_csv(index=False))
+        written.append(tdir / "error_curves.csv")
+
     figures: list[tuple[str, str]] = []
     if make_plots:
         pdir.mkdir(parents=True, exist_ok=True)
         figures += plots.error_study_plots(studies, pdir)
         figures += plots.training_curves(runs, pdir)
+        figures += plots.error_training_curves(curves, pdir)
         figures += [f for t in ablations if (f := plots.ablation_bars(t, pdir))]
         written += [pdir / f"{stem}.{ext}" for stem, _ in figures for ext in ("png", "pdf")]
 

@@ -252,8 +252,9 @@ def find_studies(root: Path) -> list[Study]:
     ]
 
 
-def read_metrics(run: Run) -> list[dict]:
-    path = run.abspath / "metrics.jsonl"
+def read_metrics(run: Run, name: str = "metrics.jsonl") -> list[dict]:
+    """The JSON lines of a run's metrics.jsonl (or error_curve.jsonl); bad lines are skipped with a warning."""
+    path = run.abspath / name
     if not path.exists():
         return []
     rows = []

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from neuclip.error_study.plots import COLOURS as ERROR_COLOURS  # noqa: E402
 from neuclip.error_study.plots import plot_error_over_steps, plot_error_vs_ratio, save  # noqa: E402
 from neuclip.report.loading import Run, Study, dataset_label, read_metrics, sort_key_column, sort_key_method  # noqa: E402
 from neuclip.report.table import Stat, Table  # noqa: E402
@@ -58,6 +59,51 @@ def training_curves(runs: list[Run], folder: Path) -> list[tuple[str, str]]:
         title = f"Training curves, {dataset_label(col[0])} [{col[1]} scale] (line = mean over seeds, band = min..max)"
         fig.suptitle(title)
         stem = folder / f"training_{col[0]}_{col[1]}"
+        save(fig, stem)
+        out.append((stem.name, title))
+    return out
+
+
+def error_curves(runs: list[Run]) -> pd.DataFrame:
+    """Every default run's in-training normaliser error (error_curve.jsonl, `error.every`), one row per point."""
+    frames = [
+        pd.DataFrame(rows).assign(
+            dataset=r.dataset, scale=r.scale, method=r.method_name, label=r.method, seed=r.seed, run=r.path
+        )
+        for r in runs
+        if r.variant == "default" and (rows := read_metrics(r, "error_curve.jsonl"))
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def error_training_curves(frame: pd.DataFrame, folder: Path) -> list[tuple[str, str]]:
+    """Per (data set, scale): each method's own normaliser error over training (log-space MSE, log y) and the
+    fraction of anchors it holds an estimate for (per-sample state covers only the samples visited so far)."""
+    out = []
+    if frame.empty:
+        return out
+    for (dataset, scale), part in frame.groupby(["dataset", "scale"], sort=False):
+        fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.0), squeeze=False, layout="constrained")
+        for method, rows in sorted(part.groupby("method"), key=lambda kv: sort_key_method(kv[1]["label"].iloc[0])):
+            n, colour = rows["run"].nunique(), ERROR_COLOURS.get(method)
+            label = f"{method} ({n} seed{'s' if n > 1 else ''})"
+            for ax, key in zip(axes[0], ("mse_log", "coverage")):
+                stats = rows.groupby("step")[key].agg(["mean", "min", "max"]).sort_index()
+                ax.plot(stats.index, stats["mean"], marker="o", color=colour, label=label)
+                ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2, color=colour)
+        axes[0][0].set_yscale("log")
+        axes[0][0].set_ylabel("MSE of log-normaliser estimate\n(over anchors with an estimate)")
+        axes[0][1].set_ylabel("fraction of anchors with an estimate")
+        for ax in axes[0]:
+            ax.set_xlabel("training step")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][-1].legend(title="method", fontsize="small")
+        title = (
+            f"Each method's own normaliser error during training, {dataset_label(dataset)} [{scale} scale] "
+            "(line = mean over seeds, band = min..max)"
+        )
+        fig.suptitle(title)
+        stem = folder / f"error_training_{dataset}_{scale}"
         save(fig, stem)
         out.append((stem.name, title))
     return out
