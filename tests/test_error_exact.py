@@ -37,6 +37,15 @@ def test_chunking_and_anchor_subsets_do_not_change_results():
             assert rel <= 1e-6, (chunk, block, acc, float(rel))
 
 
+def test_chunk_holding_only_the_positive_pair():
+    # chunk = 1: for each anchor one chunk holds nothing but its own (masked) column, an all -inf row
+    gen = torch.Generator().manual_seed(1)
+    e1, e2 = ref.correlated_pair(40, 8, gen)
+    a1, a2 = exact_log_normalizers(e1, e2, 0.1, 1e-8, chunk=1, anchor_block=7, accumulate="float64")
+    torch.testing.assert_close(a1, torch.log(1e-8 + ref.g_hat(e1, e2, 0.1)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(a2, torch.log(1e-8 + ref.g_hat(e2, e1, 0.1)), rtol=1e-12, atol=0)
+
+
 def test_no_overflow_at_small_temperature():
     x = torch.nn.functional.normalize(torch.randn(100, 8), dim=1)
     a1, a2 = exact_log_normalizers(x, -x, 0.01, 1e-14)  # h up to 200
