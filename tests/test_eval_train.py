@@ -1,10 +1,13 @@
-"""The whole chain learns: synthetic data -> `neuclip train` (openclip, tiny-vit) -> `neuclip eval --suite tiny`.
+"""The whole chain learns: synthetic data -> `neuclip train` (openclip, tiny-cnn) -> `neuclip eval --suite tiny`.
 
-Measured on this CPU (one thread, shared machine; 1024 samples per eval set), tiny-vit learns colour within a
-few hundred steps but shape only slowly: shape top-1 0.184 after 300 steps at lr 1e-3, 0.203 after 600 steps
-at lr 2e-3 (chance 1/6), colour 0.95-0.98 (chance 1/8). A patch-4 variant and batch 256 did no better on
-shape at the same cost. So the clear margin is asserted on colour and retrieval; shape is asserted at chance
-+ 0.025, about 2 standard errors of chance at n = 1024 (the measured 0.203 is 3).
+Measured on this CPU (one thread, shared machine; 600 steps at batch 64, lr 2e-3; 1024 samples per eval set):
+tiny-vit (ViT, patch 8) learns colour but barely shape: shape top-1 0.203 (chance 1/6), colour 0.98. tiny-cnn
+(open_clip's ModifiedResNet, layers [1, 1, 1, 1], width 16, 32 px) learns shape too: shape 0.306 / 0.326
+(seeds 0 / 1), colour 0.996 / 0.999, position 0.34 / 0.31 (chance 1/9, noisy across runs), retrieval recall@1
+0.25 / 0.21; training takes about 140 s (about 280 samples/s vs 357 for tiny-vit). More steps (900: 0.327),
+lr 4e-3, batch 128, 4x the training data, width 8 / 24, 64 px input or deeper early stages all stayed at
+0.21-0.33. So shape is asserted at chance + 0.07 (about halfway to the measured values, 6 standard errors of
+chance at n = 1024).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def test_briefly_trained_model_beats_chance(tmp_path):
     run = tmp_path / "run"
     overrides = {
         "run_dir": run,
-        "model": "tiny-vit",
+        "model": "tiny-cnn",
         "data.train_shards": data / "train" / "{00000..00003}.tar",
         "method.name": "openclip",
         "train.global_batch_size": 64,
@@ -49,6 +52,6 @@ def test_briefly_trained_model_beats_chance(tmp_path):
     summary = evaluate_suite(run / "model", "tiny", data, run / "eval", batch_size=256, workers=0, device="cpu")
     value = {task: entry["value"] for task, entry in summary["tasks"].items()}
     assert value["synth_colour"] >= 1 / len(COLOURS) + 0.5, value
-    assert value["synth_shape"] >= 1 / len(SHAPES) + 0.025, value  # chance + ~2 standard errors
+    assert value["synth_shape"] >= 1 / len(SHAPES) + 0.07, value  # chance + ~6 standard errors
     assert value["synth_retrieval"] >= 20 / NUM_EVAL, value  # chance recall@1 is about 1 / NUM_EVAL
     assert summary["groups"]["tiny"] == pytest.approx(sum(value.values()) / 4)
