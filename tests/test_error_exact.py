@@ -37,13 +37,34 @@ def test_chunking_and_anchor_subsets_do_not_change_results():
             assert rel <= 1e-6, (chunk, block, acc, float(rel))
 
 
-def test_chunk_holding_only_the_positive_pair():
-    # chunk = 1: for each anchor one chunk holds nothing but its own (masked) column, an all -inf row
+@pytest.mark.parametrize(
+    ("dtype", "tau", "rtol", "atol"), [(torch.float64, 0.1, 1e-12, 0), (torch.float32, 0.01, 0, 1e-4)]
+)
+def test_chunk_holding_only_the_positive_pair(dtype, tau, rtol, atol):
+    # chunk = 1: for each anchor one chunk holds nothing but its own (masked) column, an all -inf row; float64
+    # at tau 0.1 takes the direct-sum path, float32 at tau 0.01 the running log-sum-exp (float32 rounding of
+    # s_ij, ~1e-7, is magnified by 1/tau = 100 in log space: hence 1e-4 there)
     gen = torch.Generator().manual_seed(1)
     e1, e2 = ref.correlated_pair(40, 8, gen)
-    a1, a2 = exact_log_normalizers(e1, e2, 0.1, 1e-8, chunk=1, anchor_block=7, accumulate="float64")
-    torch.testing.assert_close(a1, torch.log(1e-8 + ref.g_hat(e1, e2, 0.1)), rtol=1e-12, atol=0)
-    torch.testing.assert_close(a2, torch.log(1e-8 + ref.g_hat(e2, e1, 0.1)), rtol=1e-12, atol=0)
+    a1, a2 = exact_log_normalizers(e1.to(dtype), e2.to(dtype), tau, 1e-8, chunk=1, anchor_block=7, accumulate="float64")
+    torch.testing.assert_close(a1, torch.log(1e-8 + ref.g_hat(e1, e2, tau)), rtol=rtol, atol=atol)
+    torch.testing.assert_close(a2, torch.log(1e-8 + ref.g_hat(e2, e1, tau)), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_direct_sum_and_log_sum_exp_paths_agree(dtype, tol):
+    # the fast path (direct sum, taken when no term can overflow) against the always-safe running log-sum-exp
+    from neuclip.error_study.exact import _block, _block_direct
+
+    gen = torch.Generator().manual_seed(2)
+    e1, e2 = (x.to(dtype) for x in ref.correlated_pair(500, 16, gen))
+    idx = torch.arange(0, 500, 7)
+    pos = (e1[idx] * e2[idx]).sum(1)
+    for tau in (0.03, 0.1, 0.5):
+        safe = _block(e1[idx], e2, idx, pos, tau, 64, torch.float64)
+        fast = _block_direct(e1[idx], e2, idx, pos, tau, 64, torch.float64)
+        # log-space values, some near 0: absolute tolerance = relative error of the normaliser itself
+        torch.testing.assert_close(fast, safe, rtol=tol, atol=tol)
 
 
 def test_no_overflow_at_small_temperature():
