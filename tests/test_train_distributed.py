@@ -33,7 +33,8 @@ def test_two_gloo_processes_match_one_process(synth_data, tmp_path):
 
     shards = str(synth_data / "train" / "{00000..00002}.tar")
     steps = 4
-    extra = {"train.max_steps": steps, "train.checkpoint_every": 100, "train.warmup_steps": 0}
+    # error tracking on as well: rank 0 measures while rank 1 waits, with 2 vs 1 embedding workers
+    extra = {"train.max_steps": steps, "train.checkpoint_every": 100, "train.warmup_steps": 0, "error.every": 2}
     # Same number of data slots (world size x workers = 2), hence the same global batches in the same order.
     one = tiny_config(tmp_path / "one", shards, **extra, **{"data.workers": 2})
     two = tiny_config(tmp_path / "two", shards, **extra, **{"data.workers": 1})
@@ -75,3 +76,9 @@ def test_two_gloo_processes_match_one_process(synth_data, tmp_path):
     for k in s1["estimator"]:
         torch.testing.assert_close(s2["estimator"][k], s1["estimator"][k], rtol=1e-5, atol=1e-5)
     assert s1["data"]["positions"] == s2["data"]["positions"]
+    c1, c2 = (
+        [json.loads(x) for x in (Path(c["run_dir"]) / "error_curve.jsonl").read_text().splitlines()] for c in (one, two)
+    )
+    assert [r["step"] for r in c1] == [r["step"] for r in c2] == [2, 4]  # written once, by rank 0
+    for a, b in zip(c1, c2):
+        assert b["n"] == a["n"] == 48 and b["mse_log"] == pytest.approx(a["mse_log"], rel=1e-4, abs=1e-6)

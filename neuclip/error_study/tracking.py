@@ -5,7 +5,8 @@ its evaluation transform, computes the exact alpha* of a fixed random anchor sub
 estimator's own estimate, appending one line to RUN/error_curve.jsonl. The measurement must not change the
 run: it works under no_grad in eval mode (no dropout, no BatchNorm statistics update) and restores every RNG
 afterwards, so a run with tracking on is bit-identical to one with it off (tested). Other ranks wait at a
-barrier. A method without a normaliser estimate (SigLIP, iSogCLR) gets a note and no curve.
+barrier (the trainer raises the collective timeout to 2 h when tracking is on). The measurement's time is kept
+out of the logged samples/s. A method without a normaliser estimate (SigLIP, iSogCLR) gets a note and no curve.
 
 Cost per measurement: one forward pass over the embedded data plus an anchors x n matmul; `error.shards`
 limits the embedded data to the first N shards (the exact alpha* is then over those samples only, which

@@ -167,13 +167,13 @@ def _run_lock(run_dir: Path):
         os.close(fd)
 
 
-def _setup_distributed(device_kind: str) -> tuple[int, int, int]:
+def _setup_distributed(device_kind: str, timeout_min: int) -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=dt.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=dt.timedelta(minutes=timeout_min))
     return rank, world, local_rank
 
 
@@ -241,7 +241,10 @@ def train(cfg: dict) -> dict:
     want_cuda = cfg["train"]["device"] == "cuda" or (
         cfg["train"]["device"] == "auto" and torch.cuda.is_available()
     )
-    rank, world, local_rank = _setup_distributed("cuda" if want_cuda else "cpu")
+    # the other ranks wait at a barrier while rank 0 measures the normaliser error (error.every), which on a
+    # few million samples can outlast the usual 30 min collective timeout
+    timeout_min = 120 if cfg["error"]["every"] else 30
+    rank, world, local_rank = _setup_distributed("cuda" if want_cuda else "cpu", timeout_min)
     try:
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -587,7 +590,9 @@ class _Trainer:
                         bar.set_postfix(loss=f"{loss:.4f}", tau=f"{last['tau']:.4f}")
                     window_start, window_steps, data_s = now, 0, 0.0
                 if self.error_tracker.due(step, total):  # before the checkpoint: a resume never repeats it
+                    t_err = time.perf_counter()
                     self.error_tracker(step, step / spe, _unwrap(self.model), self.eval_tf, self.tokenizer, self.device)
+                    window_start += time.perf_counter() - t_err  # keep it out of the logged samples/s
                 if step < total and step % t["checkpoint_every"] == 0:
                     self._save(step)
                 if stop and step < total:
