@@ -76,8 +76,10 @@ def embed_shards(
     workers: int = 0,
     skip_bad: bool = False,
     bf16: bool = False,
+    allow_empty: bool = False,
 ):
-    """(image, text, ids): L2-normalised float32 embeddings on `device`, rows sorted by sample id."""
+    """(image, text, ids): L2-normalised float32 embeddings on `device`, rows sorted by sample id (None when
+    the shards hold no sample and `allow_empty`, e.g. a rank given no shard)."""
     loader = DataLoader(
         ShardImages(shards, transform, skip_bad),
         batch_size=batch,
@@ -92,12 +94,18 @@ def embed_shards(
             out[1].append(model.encode_text(tokenizer(texts).to(device), normalize=True).float())
             out[2].append(ids.to(device))
     if not out[0]:
-        raise ValueError(f"no samples could be read from {len(shards)} shard(s), e.g. {shards[0]}")
-    image, text, ids = (torch.cat(parts) for parts in out)
+        if allow_empty:
+            return None
+        raise ValueError(f"no samples could be read from {len(shards)} shard(s), e.g. {shards[:1]}")
+    return sort_by_id(*(torch.cat(parts) for parts in out))
+
+
+def sort_by_id(image, text, ids):
+    """Rows ordered by sample id (so nothing depends on reader or rank order), re-normalised: bf16 encoders
+    return unit vectors only to bf16 precision. Duplicate ids are an error."""
     order = torch.argsort(ids)
     if bool((ids[order][1:] == ids[order][:-1]).any()):
         raise ValueError("duplicate sample ids in the training shards: run `neuclip data check` on them")
-    # re-normalise: bf16 encoders return unit vectors only to bf16 precision
     return (
         torch.nn.functional.normalize(image[order], dim=1),
         torch.nn.functional.normalize(text[order], dim=1),

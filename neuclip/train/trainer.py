@@ -439,7 +439,9 @@ class _Trainer:
         self.est_params = [p for g in self.estimator.param_groups() for p in g["params"] if p.requires_grad]
 
         shards = expand_shards(d["train_shards"])
-        self.error_tracker = ErrorTracker(cfg, self.estimator, shards, self.rank, self.world, self.precision == "bf16")
+        self.error_tracker = ErrorTracker(
+            cfg, self.estimator, shards, self.rank, self.world, self.precision == "bf16", ctx.embed_dim
+        )
         self.eval_tf, self.tokenizer = eval_tf, tokenizer
 
         start, positions = self._load()
