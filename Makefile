@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install debs demo test lint clean-tiny
+.PHONY: install debs demo test lint gpu-check clean-tiny
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ lint: install
 
 test: install debs lint
 	$(BIN)/pytest
+
+# On a machine with a CUDA GPU: the CUDA-path tests (bf16, single GPU without NCCL, GPU vs CPU) and the
+# estimator step costs at paper shapes on the GPU. Not part of `make test` (no GPU there).
+gpu-check: install
+	$(BIN)/pytest -m gpu -rs tests/test_gpu.py
+	$(BIN)/neuclip bench estimators --device cuda
 
 clean-tiny:
 	rm -rf runs/tiny results/tiny data/synthetic/tiny .snakemake
