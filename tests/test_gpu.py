@@ -111,3 +111,18 @@ def test_exact_pass_on_gpu_matches_cpu():
         gpu = exact_log_normalizers(x.cuda(), y.cuda(), tau, 1e-14, anchors.cuda(), accumulate="float64")
         for g, c in zip(gpu, cpu):
             torch.testing.assert_close(g.cpu(), c, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_suite_on_gpu_matches_cpu(synth_data, tmp_path):
+    from neuclip.eval.runner import evaluate_suite
+    from neuclip.train.trainer import train
+
+    train(_gpu_config(tmp_path / "run", synth_data, "openclip"))
+    model = tmp_path / "run" / "model"
+    common = {"batch_size": 16, "workers": 0, "progress": False}
+    cpu = evaluate_suite(model, "tiny", synth_data, tmp_path / "cpu", device="cpu", **common)
+    fp32 = evaluate_suite(model, "tiny", synth_data, tmp_path / "fp32", device="cuda", amp=False, **common)
+    amp = evaluate_suite(model, "tiny", synth_data, tmp_path / "amp", device="cuda", **common)  # amp on by default
+    for task, entry in cpu["tasks"].items():
+        assert fp32["tasks"][task]["value"] == pytest.approx(entry["value"], abs=1 / 24 + 1e-9), task  # <= 1 sample
+        assert math.isfinite(amp["tasks"][task]["value"]), task
