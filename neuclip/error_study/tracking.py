@@ -37,11 +37,11 @@ class ErrorTracker:
     def __init__(self, cfg: dict, estimator, shards: list[str], rank: int, world: int, bf16: bool, embed_dim: int):
         e = cfg["error"]
         self.embed_dim = embed_dim
-        self.every, self.anchors, self.batch = e["every"], e["anchors"], e["batch_size"]
+        self.every, self.anchors, self.embed_batch = e["every"], e["anchors"], e["batch_size"]
         self.shards = shards[: e["shards"]] if e["shards"] else shards
         self.seed = cfg["seed"]
         self.estimator, self.rank, self.world, self.bf16 = estimator, rank, world, bf16
-        self.batch_size, self.workers, self.skip_bad = (
+        self.train_batch, self.workers, self.skip_bad = (
             cfg["train"]["global_batch_size"],
             cfg["data"]["workers"],
             cfg["data"]["skip_bad"],
@@ -70,7 +70,7 @@ class ErrorTracker:
                 transform,
                 tokenizer,
                 self.shards[self.rank :: self.world],
-                self.batch,
+                self.embed_batch,
                 device,
                 self.workers,
                 self.skip_bad,
@@ -81,7 +81,7 @@ class ErrorTracker:
             if self.rank == 0:
                 image, text, ids = rows
                 anchors = anchor_positions(image.shape[0], self.anchors, self.seed)
-                row = measure(self.estimator, image, text, ids, anchors, self.batch_size, self.seed)
+                row = measure(self.estimator, image, text, ids, anchors, self.train_batch, self.seed)
             del local, rows
         finally:
             model.train(was_training)

@@ -11,7 +11,7 @@ import yaml
 
 from neuclip.report import expect as expect_mod
 from neuclip.report import plots, tables
-from neuclip.report.loading import find_runs, find_studies, sha256_file
+from neuclip.report.loading import error_curves, find_runs, find_studies, sha256_file
 from neuclip.report.table import markdown, write_atomic, write_table
 
 DEFAULT_PUBLISHED = Path(__file__).resolve().parents[2] / "results" / "published.yaml"
@@ -59,7 +59,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, expect: str | Path |
     write_atomic(tdir / "missing.md", missing_md)
     written.append(tdir / "missing.md")
 
-    curves = plots.error_curves(runs)
+    curves = error_curves(runs)
     if not curves.empty:  # the data behind the error-over-training plots
         tdir.mkdir(parents=True, exist_ok=True)
         write_atomic(tdir / "error_curves.csv", curves.to_csv(index=False))

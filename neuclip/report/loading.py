@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 METHOD_LABELS = {
@@ -266,3 +267,15 @@ def read_metrics(run: Run, name: str = "metrics.jsonl") -> list[dict]:
             except json.JSONDecodeError:
                 run.warnings.append(f"{path}: skipped a line that is not JSON")
     return rows
+
+
+def error_curves(runs: list[Run]) -> pd.DataFrame:
+    """Every default run's in-training normaliser error (error_curve.jsonl, `error.every`), one row per point."""
+    frames = [
+        pd.DataFrame(rows).assign(
+            dataset=r.dataset, scale=r.scale, method=r.method_name, label=r.method, seed=r.seed, run=r.path
+        )
+        for r in runs
+        if r.variant == "default" and (rows := read_metrics(r, "error_curve.jsonl"))
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -64,18 +64,6 @@ def training_curves(runs: list[Run], folder: Path) -> list[tuple[str, str]]:
     return out
 
 
-def error_curves(runs: list[Run]) -> pd.DataFrame:
-    """Every default run's in-training normaliser error (error_curve.jsonl, `error.every`), one row per point."""
-    frames = [
-        pd.DataFrame(rows).assign(
-            dataset=r.dataset, scale=r.scale, method=r.method_name, label=r.method, seed=r.seed, run=r.path
-        )
-        for r in runs
-        if r.variant == "default" and (rows := read_metrics(r, "error_curve.jsonl"))
-    ]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 def error_training_curves(frame: pd.DataFrame, folder: Path) -> list[tuple[str, str]]:
     """Per (data set, scale): each method's own normaliser error over training (log-space MSE, log y) and the
     fraction of anchors it holds an estimate for (per-sample state covers only the samples visited so far)."""
