@@ -78,8 +78,9 @@ def embed_shards(
     bf16: bool = False,
     allow_empty: bool = False,
 ):
-    """(image, text, ids): L2-normalised float32 embeddings on `device`, rows sorted by sample id (None when
-    the shards hold no sample and `allow_empty`, e.g. a rank given no shard)."""
+    """(image, text, ids): float32 embeddings on `device` in reading order (None when the shards hold no
+    sample and `allow_empty`, e.g. a rank given no shard). Pass them through `sort_by_id` before use: that is
+    done once, after any gathering across ranks."""
     loader = DataLoader(
         ShardImages(shards, transform, skip_bad),
         batch_size=batch,
@@ -97,7 +98,7 @@ def embed_shards(
         if allow_empty:
             return None
         raise ValueError(f"no samples could be read from {len(shards)} shard(s), e.g. {shards[:1]}")
-    return sort_by_id(*(torch.cat(parts) for parts in out))
+    return tuple(torch.cat(parts) for parts in out)
 
 
 def sort_by_id(image, text, ids):
@@ -165,7 +166,9 @@ def score_run(run_dir, anchors: int = 2048, shards: int | None = None, batch: in
         raise ValueError(f"{method['name']} has no normaliser estimate to score (estimate_kind={est.estimate_kind})")
     t0 = time.perf_counter()
     files = [str(p) for p in expand_pattern(cfg["data"]["train_shards"])][:shards]
-    image, text, ids = embed_shards(model, eval_tf, tokenizer, files, batch, "cpu", skip_bad=cfg["data"]["skip_bad"])
+    image, text, ids = sort_by_id(
+        *embed_shards(model, eval_tf, tokenizer, files, batch, "cpu", skip_bad=cfg["data"]["skip_bad"])
+    )
     row = measure(
         est, image, text, ids, anchor_positions(image.shape[0], anchors, seed), cfg["train"]["global_batch_size"], seed
     )

@@ -3,12 +3,11 @@
 Every `error.every` steps (and at the last step) every rank embeds its share of the training shards with the
 current model and its evaluation transform; rank 0 gathers the embeddings, computes the exact alpha* of a
 fixed random anchor subset and scores the estimator's own estimate, appending one line to
-RUN/error_curve.jsonl. The measurement must not change the
-run: it works under no_grad in eval mode (no dropout, no BatchNorm statistics update) and restores every RNG
-afterwards, so a run with tracking on is bit-identical to one with it off (tested). The other ranks wait at a
-barrier while rank 0 computes (the trainer raises the collective timeout to 2 h when tracking is on). The
-measurement's time is kept out of the logged samples/s. A method without a normaliser estimate (SigLIP,
-iSogCLR) gets a note and no curve.
+RUN/error_curve.jsonl. The measurement must not change the run: it works under no_grad in eval mode (no
+dropout, no BatchNorm statistics update) and restores every RNG afterwards, so a run with tracking on is
+bit-identical to one with it off (tested). The other ranks wait at a barrier while rank 0 computes (the trainer
+raises the collective timeout to 2 h when tracking is on). The measurement's time is kept out of the logged
+samples/s. A method without a normaliser estimate (SigLIP, iSogCLR) gets a note and no curve.
 
 Cost per measurement: one forward pass over the embedded data plus an anchors x n matmul; `error.shards`
 limits the embedded data to the first N shards (the exact alpha* is then over those samples only, which
@@ -34,9 +33,21 @@ CURVE_FILE = "error_curve.jsonl"
 
 
 class ErrorTracker:
-    def __init__(self, cfg: dict, estimator, shards: list[str], rank: int, world: int, bf16: bool, embed_dim: int):
+    def __init__(
+        self,
+        cfg: dict,
+        estimator,
+        shards: list[str],
+        rank: int,
+        world: int,
+        bf16: bool,
+        embed_dim: int,
+        transform,
+        tokenizer,
+        device,
+    ):
         e = cfg["error"]
-        self.embed_dim = embed_dim
+        self.embed_dim, self.transform, self.tokenizer, self.device = embed_dim, transform, tokenizer, device
         self.every, self.anchors, self.embed_batch = e["every"], e["anchors"], e["batch_size"]
         self.shards = shards[: e["shards"]] if e["shards"] else shards
         self.seed = cfg["seed"]
@@ -59,7 +70,7 @@ class ErrorTracker:
     def due(self, step: int, total: int) -> bool:
         return self.enabled and (step % self.every == 0 or step == total)
 
-    def __call__(self, step: int, epoch: float, model, transform, tokenizer, device) -> None:
+    def __call__(self, step: int, epoch: float, model) -> None:
         """Collective: every rank embeds its share of the shards, rank 0 gathers, measures and writes."""
         t0 = time.perf_counter()
         rng, was_training = ckpt.rng_state(), model.training
@@ -67,17 +78,20 @@ class ErrorTracker:
         try:
             local = embed_shards(
                 model,
-                transform,
-                tokenizer,
+                self.transform,
+                self.tokenizer,
                 self.shards[self.rank :: self.world],
                 self.embed_batch,
-                device,
+                self.device,
                 self.workers,
                 self.skip_bad,
                 self.bf16,
                 allow_empty=self.world > 1,
             )
-            rows = _gather_rows(local, self.embed_dim, device, self.world) if self.world > 1 else local
+            if self.world > 1:
+                rows = _gather_rows(local, self.embed_dim, self.device, self.world)
+            else:
+                rows = sort_by_id(*local)
             if self.rank == 0:
                 image, text, ids = rows
                 anchors = anchor_positions(image.shape[0], self.anchors, self.seed)

@@ -440,9 +440,9 @@ class _Trainer:
 
         shards = expand_shards(d["train_shards"])
         self.error_tracker = ErrorTracker(
-            cfg, self.estimator, shards, self.rank, self.world, self.precision == "bf16", ctx.embed_dim
+            cfg, self.estimator, shards, self.rank, self.world, self.precision == "bf16", ctx.embed_dim,
+            eval_tf, tokenizer, self.device,
         )
-        self.eval_tf, self.tokenizer = eval_tf, tokenizer
 
         start, positions = self._load()
         self.last_saved = start
@@ -593,7 +593,7 @@ class _Trainer:
                     window_start, window_steps, data_s = now, 0, 0.0
                 if self.error_tracker.due(step, total):  # before the checkpoint: a resume never repeats it
                     t_err = time.perf_counter()
-                    self.error_tracker(step, step / spe, _unwrap(self.model), self.eval_tf, self.tokenizer, self.device)
+                    self.error_tracker(step, step / spe, _unwrap(self.model))
                     window_start += time.perf_counter() - t_err  # keep it out of the logged samples/s
                 if step < total and step % t["checkpoint_every"] == 0:
                     self._save(step)
