@@ -1,0 +1,55 @@
+"""One way to write an artefact: a temp file in the same folder, fsync, rename (and fsync the folder).
+
+A crashed or killed job therefore never leaves a file that looks finished: Snakemake, the report and a
+resumed run see either the old file or the whole new one. Every file the harness tracks goes through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some file systems do not allow opening a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_with(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False) -> Path:
+    """Call `write(f)` on a temp file beside `path`, then atomically rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write text or bytes to `path` atomically."""
+    return write_with(path, lambda f: f.write(data), binary=isinstance(data, bytes))
+
+
+def write_json(path: str | os.PathLike, obj, indent: int = 1) -> Path:
+    """Write `obj` as JSON (plus a final newline) to `path` atomically."""
+    return write_atomic(path, json.dumps(obj, indent=indent) + "\n")
