@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,81 +33,80 @@ from neuclip.train import checkpoint as ckpt
 CURVE_FILE = "error_curve.jsonl"
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrackingContext:
+    """Everything error tracking needs from the run, named (the trainer builds it from the config)."""
+
+    run_dir: str | Path  # RUN: the curve goes to RUN/error_curve.jsonl
+    method: str  # for the note when the method keeps no estimate
+    every: int  # error.every (0: off)
+    anchors: int  # error.anchors
+    embed_batch: int  # error.batch_size: images per forward pass while embedding
+    shards: list[str]  # the shards to embed (the training shards, cut to error.shards)
+    train_batch: int  # train.global_batch_size: the estimate is scored at the training batch
+    seed: int  # the run's seed: fixes the anchor subset
+    workers: int  # data.workers, for reading the shards
+    skip_bad: bool  # data.skip_bad: skip what training skipped
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool  # embed under bf16 autocast, as training computes
+    embed_dim: int  # the model's embedding width (a rank with no shard sends 0 rows of it)
+    transform: object  # the model's evaluation transform
+    tokenizer: object
+
+
 class ErrorTracker:
-    def __init__(
-        self,
-        cfg: dict,
-        estimator,
-        shards: list[str],
-        rank: int,
-        world: int,
-        bf16: bool,
-        embed_dim: int,
-        transform,
-        tokenizer,
-        device,
-    ):
-        e = cfg["error"]
-        self.embed_dim, self.transform, self.tokenizer, self.device = embed_dim, transform, tokenizer, device
-        self.every, self.anchors, self.embed_batch = e["every"], e["anchors"], e["batch_size"]
-        self.shards = shards[: e["shards"]] if e["shards"] else shards
-        self.seed = cfg["seed"]
-        self.estimator, self.rank, self.world, self.bf16 = estimator, rank, world, bf16
-        self.train_batch, self.workers, self.skip_bad = (
-            cfg["train"]["global_batch_size"],
-            cfg["data"]["workers"],
-            cfg["data"]["skip_bad"],
-        )
-        self.path = Path(cfg["run_dir"]) / CURVE_FILE
-        self.enabled = bool(self.every) and estimator.estimate_kind in SCORED_KINDS
-        if self.every and not self.enabled and rank == 0:
+    def __init__(self, ctx: TrackingContext, estimator):
+        self.ctx, self.estimator = ctx, estimator
+        self.path = Path(ctx.run_dir) / CURVE_FILE
+        self.enabled = bool(ctx.every) and estimator.estimate_kind in SCORED_KINDS
+        if ctx.every and not self.enabled and ctx.rank == 0:
             print(
-                f"neuclip train: error.every is set but {cfg['method']['name']} keeps no normaliser estimate "
+                f"neuclip train: error.every is set but {ctx.method} keeps no normaliser estimate "
                 f"(estimate_kind={estimator.estimate_kind}); no error curve is written",
                 file=sys.stderr,
                 flush=True,
             )
 
     def due(self, step: int, total: int) -> bool:
-        return self.enabled and (step % self.every == 0 or step == total)
+        return self.enabled and (step % self.ctx.every == 0 or step == total)
 
     def __call__(self, step: int, epoch: float, model) -> None:
         """Collective: every rank embeds its share of the shards, rank 0 gathers, measures and writes."""
-        t0 = time.perf_counter()
+        c, t0 = self.ctx, time.perf_counter()
         rng, was_training = ckpt.rng_state(), model.training
         model.eval()
         try:
             local = embed_shards(
                 model,
-                self.transform,
-                self.tokenizer,
-                self.shards[self.rank :: self.world],
-                self.embed_batch,
-                self.device,
-                self.workers,
-                self.skip_bad,
-                self.bf16,
-                allow_empty=self.world > 1,
+                c.transform,
+                c.tokenizer,
+                c.shards[c.rank :: c.world],
+                c.embed_batch,
+                c.device,
+                c.workers,
+                c.skip_bad,
+                c.bf16,
+                allow_empty=c.world > 1,
             )
-            if self.world > 1:
-                rows = _gather_rows(local, self.embed_dim, self.device, self.world)
-            else:
-                rows = sort_by_id(*local)
-            if self.rank == 0:
+            rows = _gather_rows(local, c.embed_dim, c.device, c.world) if c.world > 1 else sort_by_id(*local)
+            if c.rank == 0:
                 image, text, ids = rows
-                anchors = anchor_positions(image.shape[0], self.anchors, self.seed)
-                row = measure(self.estimator, image, text, ids, anchors, self.train_batch, self.seed)
+                anchors = anchor_positions(image.shape[0], c.anchors, c.seed)
+                row = measure(self.estimator, image, text, ids, anchors, c.train_batch, c.seed)
             del local, rows
         finally:
             model.train(was_training)
             ckpt.set_rng_state(rng)
-        if self.rank == 0:
+        if c.rank == 0:
             row = {"step": step, "epoch": epoch, **row, "seconds": round(time.perf_counter() - t0, 3)}
+            # an append-only log (a resume truncates it to the checkpoint's step): fsync, no rename
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-        if self.world > 1:
+        if c.world > 1:
             dist.barrier()
 
 

@@ -1,0 +1,193 @@
+"""The run folder's bookkeeping files: config.yaml (the run's identity), provenance.json (one record per
+attempt) and metrics.jsonl (one line every `log_every` steps, with the progress bar and samples/s window
+that go with it). All whole-file writes go through neuclip/atomic.py."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from neuclip.atomic import write_atomic, write_json
+from neuclip.train.config import ConfigError, dump, identity_diff, yaml_load
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_config(run_dir: Path, cfg: dict) -> None:
+    """config.yaml; a folder holding a run with a different identity is an error, never overwritten."""
+    path = run_dir / "config.yaml"
+    if path.exists():
+        old = yaml_load(path.read_text())
+        try:
+            diff = identity_diff(old, cfg)
+        except (KeyError, TypeError):
+            diff = ["(unreadable config.yaml)"]
+        if diff:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config ({'; '.join(diff)}); "
+                "use a new run_dir, or delete this one to start over"
+            )
+    write_atomic(path, dump(cfg))
+
+
+def _git_info() -> dict:
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return {"commit": commit, "dirty": bool(status.strip()), "repo": str(repo)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None, "repo": str(repo)}
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("neuclip-bench", "torch", "open_clip_torch", "numpy", "webdataset", "submitit", "pillow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_provenance(run_dir: Path, seed: int, *, resumed_from: int, world: int, device, precision: str) -> None:
+    """provenance.json: created once (git state, versions, seed), plus one record per attempt."""
+    path = run_dir / "provenance.json"
+    if path.exists():
+        prov = json.loads(path.read_text())
+    else:
+        prov = {"git": _git_info(), "versions": _versions(), "seed": seed, "created": now(), "attempts": []}
+    prov["attempts"].append(
+        {
+            "started": now(),
+            "resumed_from_step": resumed_from,
+            "hostname": socket.gethostname(),
+            "command": sys.argv,
+            "pid": os.getpid(),
+            "world_size": world,
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "precision": precision,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "git": _git_info(),
+        }
+    )
+    write_json(path, prov, indent=2)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (and a line cut in half by a kill)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    write_atomic(path, "".join(k + "\n" for k in keep))
+
+
+def last_logged(run_dir: Path) -> dict:
+    """metrics.jsonl's last line ({} while there is none)."""
+    path = run_dir / METRICS_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+class MetricsLog:
+    """metrics.jsonl (rank 0 only), the progress bar (on a terminal) and the samples/s window.
+
+    The window's clock starts at the last logged line; `paused()` keeps time spent in it (the error
+    measurement) out of the logged samples/s."""
+
+    def __init__(self, run_dir: Path, rank: int, batch: int, total: int, start: int):
+        self.batch, self.last = batch, {}
+        self.file = open(run_dir / METRICS_FILE, "a") if rank == 0 else None  # noqa: SIM115
+        self.bar = None
+        if rank == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        self.window_start, self.window_steps, self.data_s = time.perf_counter(), 0, 0.0
+
+    def stepped(self) -> None:
+        self.window_steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(
+        self,
+        step: int,
+        epoch: float,
+        loss: float,
+        tau: float,
+        lr: float,
+        grad_norm: float,
+        *,
+        bad_counts: dict,
+        stats: dict,
+    ) -> dict:
+        """One line: progress, the window's speed, the loader's bad counts and the estimator's `stats`
+        (renamed est_<k> where a name clashes)."""
+        now = time.perf_counter()
+        self.last = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "tau": tau,
+            "lr": lr,
+            "samples_per_s": self.batch * self.window_steps / max(now - self.window_start, 1e-9),
+            "data_s": self.data_s / self.window_steps,
+            "grad_norm": grad_norm,
+            **bad_counts,
+        }
+        for k, v in stats.items():
+            self.last[k if k not in self.last else f"est_{k}"] = v
+        if self.file is not None:
+            self.file.write(json.dumps(self.last) + "\n")
+            self.file.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tau=f"{tau:.4f}")
+        self.window_start, self.window_steps, self.data_s = now, 0, 0.0
+        return self.last
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.bar is not None:
+            self.bar.close()
