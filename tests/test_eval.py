@@ -1,4 +1,5 @@
-"""`neuclip eval`: results equal an independent computation, missing data fails first, runs resume.
+"""`neuclip eval`: results equal an independent computation, missing data fails first, runs resume, a cached
+result is reused only for the same task definition, and each encoder pass runs at its planned precision.
 
 The independent computation reads the tar shards with `tarfile` and PIL (not webdataset or clip_benchmark),
 encodes images and prompts itself and computes top-1 / top-5 / per-class recall and recall@k from the raw
@@ -7,6 +8,7 @@ embeddings.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -18,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from neuclip.eval import runner
+from neuclip.eval import runner, suites
 from neuclip.eval.runner import ForeignResultsError, MissingDataError, evaluate_suite
 from neuclip.eval.suites import DATACOMP_TASKS, GROUPS, IMAGENET_VARIANTS, RETRIEVAL, TASKS
 
 torch.set_num_threads(1)
 
-EVAL = dict(batch_size=8, workers=0, device="cpu", amp=False, progress=False)
+EVAL = dict(batch_size=8, workers=0, device="cpu", progress=False)  # default precision: DataComp's (fp32 on CPU)
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +158,14 @@ def test_cli_runs_tiny_suite(model_dir, synth_data, tmp_path, capsys):
     from neuclip.cli import main
 
     argv = ["eval", "--model-dir", str(model_dir), "--suite", "tiny", "--data-root", str(synth_data)]
-    argv += ["--out", str(tmp_path / "out"), "--batch-size", "5", "--workers", "1", "--no-amp", "--device", "cpu"]
+    argv += ["--out", str(tmp_path / "out"), "--batch-size", "5", "--workers", "1", "--device", "cpu"]
+    argv += ["--precision", "fp32"]
     assert main(argv + ["--no-progress"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["tasks"]) == set(GROUPS["tiny"])
     assert "synth_shape" in capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "synth_shape.json").read_text())["neuclip"]
+    assert record["precision"] == "fp32" and record["amp"] == {"text": False, "image": False}
 
 
 # ------------------------------------------------------------------------------ missing data
@@ -206,7 +211,7 @@ def test_missing_datacomp_data_names_every_set_and_its_download(model_dir, tmp_p
         f"hf download djghosh/wds_imagenet1k_test --repo-type dataset --local-dir {root}/wds_imagenet1k_test" in message
     )
     assert f"{root}/wds_vtab-caltech101_test" in message and f"{root}/wds_dollar_street_test" in message
-    assert f"{root}/hf_cache/nlphuji___flickr30k" in message
+    assert f"{root}/hf_cache/nlphuji___flickr_1k_test_image_text_retrieval" in message
     assert "load_dataset('nlphuji/winogavil', split='test'" in message
     assert "download_evalsets.py" in message
     assert not (tmp_path / "out").exists()
@@ -282,6 +287,102 @@ def test_results_of_another_model_are_refused_unless_redo(tiny_run, synth_data, 
     assert sha == runner.model_fingerprint(other)
 
 
+# ------------------------------------------------------------------------------ task fingerprints
+
+FP32 = {"text": False, "image": False}  # the autocast plan of the default precision on CPU
+
+
+def test_changed_task_definition_is_recomputed_and_same_definition_reused(
+    tiny_run, model_dir, synth_data, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run[0], out)
+    kept = (out / "synth_colour.json").read_bytes()
+    changed = dataclasses.replace(TASKS["synth_shape"], size=999)  # as DataComp's Flickr fix changed its size
+    monkeypatch.setitem(suites.TASKS, "synth_shape", changed)
+    calls = _counting_evaluators(monkeypatch)
+    capsys.readouterr()
+
+    evaluate_suite(model_dir, "tiny", synth_data, out, **EVAL)
+    assert calls == ["synth_shape"]
+    err = capsys.readouterr().err
+    assert "neuclip eval: recomputing synth_shape" in err and "task.size: null -> 999" in err
+    assert err.count("recomputing") == 1 and (out / "synth_colour.json").read_bytes() == kept
+    record = json.loads((out / "synth_shape.json").read_text())["neuclip"]
+    assert record["task_definition"] == runner.task_definition(changed, FP32)
+    assert record["task_sha256"] == runner.definition_sha256(runner.task_definition(changed, FP32))
+
+    calls.clear()  # the same definition again: reused
+    evaluate_suite(model_dir, "tiny", synth_data, out, **EVAL)
+    assert calls == [] and "recomputing" not in capsys.readouterr().err
+
+    # A display-only field (the name) does not define the task: still reused.
+    monkeypatch.setitem(suites.TASKS, "synth_shape", dataclasses.replace(changed, name="Shapes, renamed"))
+    summary = evaluate_suite(model_dir, "tiny", synth_data, out, **EVAL)
+    assert calls == [] and summary["tasks"]["synth_shape"]["name"] == "Shapes, renamed"
+
+
+def test_result_without_task_fingerprint_is_recomputed(tiny_run, model_dir, synth_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run[0], out)
+    old = json.loads((out / "synth_colour.json").read_text())
+    del old["neuclip"]["task_sha256"], old["neuclip"]["task_definition"]  # as written before fingerprints
+    (out / "synth_colour.json").write_text(json.dumps(old))
+    calls = _counting_evaluators(monkeypatch)
+    capsys.readouterr()
+    summary = evaluate_suite(model_dir, "tiny", synth_data, out, **EVAL)
+    assert calls == ["synth_colour"] and "synth_colour" in (err := capsys.readouterr().err)
+    assert "no task fingerprint" in err
+    assert summary == tiny_run[1]
+
+
+def test_other_precision_is_recomputed(tiny_run, model_dir, synth_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run[0], out)
+    calls = _counting_evaluators(monkeypatch)
+    capsys.readouterr()
+    summary = evaluate_suite(model_dir, "tiny", synth_data, out, **(EVAL | {"precision": "amp"}))
+    assert calls == list(GROUPS["tiny"])
+    assert capsys.readouterr().err.count("amp.image: false -> true") == 4
+    for task in GROUPS["tiny"]:
+        record = json.loads((out / f"{task}.json").read_text())["neuclip"]
+        assert record["precision"] == "amp" and record["amp"] == {"text": True, "image": True}
+        assert 0.0 <= summary["tasks"][task]["value"] <= 1.0
+    with pytest.raises(ValueError, match="choose from datacomp, fp32, amp"):
+        evaluate_suite(model_dir, "tiny", synth_data, out, **(EVAL | {"precision": "fp16"}))
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [{"text": True, "image": False}, {"text": False, "image": False}, {"text": True, "image": True}],
+    ids=["datacomp-classification-on-cuda", "fp32", "amp"],
+)
+def test_each_encoder_pass_runs_at_its_planned_precision(model_dir, synth_data, plan):
+    """The flags reach the passes they name (CPU autocast stands in for CUDA's: the evaluators only pass them on)."""
+    from neuclip.export import load_model
+
+    model, transform, tokenizer = load_model(model_dir)
+    seen = {"text": set(), "image": set()}
+    for side in seen:
+        encode = getattr(model, f"encode_{side}")
+
+        def recorded(*args, _encode=encode, _side=side, **kwargs):
+            seen[_side].add(torch.is_autocast_enabled("cpu"))
+            return _encode(*args, **kwargs)
+
+        setattr(model, f"encode_{side}", recorded)
+    args = (model, transform, tokenizer, synth_data, 8, 0, "cpu", plan)
+    metrics = runner.EVALUATORS["classification"](TASKS["synth_shape"], *args)
+    assert seen == {"text": {plan["text"]}, "image": {plan["image"]}} and 0.0 <= metrics["acc1"] <= 1.0
+    if plan["text"] == plan["image"]:
+        seen = {"text": set(), "image": set()}
+        runner.EVALUATORS["retrieval"](TASKS["synth_retrieval"], *args)
+        assert seen == {"text": {plan["text"]}, "image": {plan["image"]}}
+    else:
+        with pytest.raises(ValueError, match="one precision"):
+            runner.EVALUATORS["retrieval"](TASKS["synth_retrieval"], *args)
+
+
 # ------------------------------------------------------------------------------ DataComp machinery (fake data)
 
 
@@ -353,7 +454,9 @@ def fake_datacomp(tmp_path_factory):
         }
 
     hf = {
-        "nlphuji/flickr30k": [{"image": image(), "caption": [f"c{i} {j}" for j in range(5)]} for i in range(12)],
+        "nlphuji/flickr_1k_test_image_text_retrieval": [
+            {"image": image(), "caption": [f"c{i} {j}" for j in range(5)]} for i in range(12)
+        ],
         "nlphuji/mscoco_2014_5k_test_image_text_retrieval": [
             {"image": image(), "caption": [f"m{i} {j}" for j in range(5)]} for i in range(12)
         ],
@@ -393,3 +496,28 @@ def test_datacomp38_runs_all_tasks_and_averages_like_datacomp(model_dir, fake_da
     assert list(variants["tasks"]) == list(IMAGENET_VARIANTS)
     assert variants["groups"]["imagenet_variants"] == summary["groups"]["imagenet_variants"]
     assert variants["groups"]["datacomp38"] is None
+
+
+def test_flickr_result_of_the_full_set_is_recomputed(model_dir, fake_datacomp, tmp_path, monkeypatch, capsys):
+    """A Flickr result cached from the 31,014-image task (DataComp before May 2023) reruns by itself."""
+    root, hf = fake_datacomp
+    monkeypatch.setattr("neuclip.eval.data.datasets_installed", lambda: True)
+    monkeypatch.setattr("neuclip.eval.data.load_hf", lambda task, data_root: hf[task.dataset])
+    out = tmp_path / "out"
+    evaluate_suite(model_dir, "retrieval", root, out, **EVAL)
+    path = out / "flickr30k.json"
+    result = json.loads(path.read_text())
+    full = dataclasses.replace(
+        TASKS["flickr30k"], datacomp_key="retrieval/flickr30k", dataset="nlphuji/flickr30k", size=31014
+    )
+    result["neuclip"]["task_definition"] = runner.task_definition(full, FP32)
+    result["neuclip"]["task_sha256"] = runner.definition_sha256(result["neuclip"]["task_definition"])
+    path.write_text(json.dumps(result))
+    calls = _counting_evaluators(monkeypatch)
+    capsys.readouterr()
+    evaluate_suite(model_dir, "retrieval", root, out, **EVAL)
+    assert calls == ["flickr30k"]
+    err = capsys.readouterr().err
+    assert "task.size: 31014 -> 1000" in err
+    assert 'task.dataset: "nlphuji/flickr30k" -> "nlphuji/flickr_1k_test_image_text_retrieval"' in err
+    assert json.loads(path.read_text())["neuclip"]["task_definition"]["task"]["size"] == 1000

@@ -1,5 +1,5 @@
-"""DataComp's extra metrics (WILDS / fairness groups, WinoGAViL Jaccard) on hand-checked examples, and the task
-registry against DataComp's tasklist."""
+"""DataComp's extra metrics (WILDS / fairness groups, WinoGAViL Jaccard) on hand-checked examples, the task
+registry against DataComp's tasklist, and the eval precision plan against DataComp's evaluation code."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from neuclip.eval import metrics as m
+from neuclip.eval.precision import DEFAULT, PRECISIONS, autocast_plan
 from neuclip.eval.suites import DATACOMP_TASKS, GROUPS, SUITES, TASKS
 
 
@@ -65,7 +66,7 @@ def test_datacomp_registry_matches_datacomp_tasklist():
         "fgvc_aircraft": "mean_per_class_recall",
         "vtab/flowers": "mean_per_class_recall",
         "vtab/pets": "mean_per_class_recall",
-        "retrieval/flickr30k": "mean_recall@1",
+        "retrieval/flickr_1k_test_image_text_retrieval": "mean_recall@1",
         "retrieval/mscoco_2014_5k_test_image_text_retrieval": "mean_recall@1",
         "misc/winogavil": "jaccard_score_10-12",
         "wilds/iwildcam": "F1-macro_all",
@@ -80,3 +81,63 @@ def test_datacomp_registry_matches_datacomp_tasklist():
     assert TASKS["iwildcam"].folder == "wds_wilds-iwildcam_test"
     assert set(SUITES) == set(GROUPS) == {"tiny", "datacomp38", "imagenet_variants", "retrieval"}
     assert GROUPS["retrieval"] == ("flickr30k", "mscoco", "winogavil")
+
+
+def test_flickr_is_datacomps_1k_test_set():
+    # tasklist.yml since 50f09feb (May 2023): `retrieval/flickr_1k_test_image_text_retrieval`, size 1000,
+    # loaded by retr_eval.py as nlphuji/<key without "retrieval/"> from DATA/hf_cache; the full 31,014-image
+    # `retrieval/flickr30k` is gone from every suite (the retrieval suite included).
+    flickr = TASKS["flickr30k"]
+    assert flickr.datacomp_key == "retrieval/flickr_1k_test_image_text_retrieval"
+    assert flickr.dataset == "nlphuji/flickr_1k_test_image_text_retrieval" and flickr.size == 1000
+    assert flickr.dataset == "nlphuji/" + flickr.datacomp_key.removeprefix("retrieval/")
+    assert (flickr.name, flickr.kind, flickr.main_metric, flickr.folder) == (
+        "Flickr",
+        "retrieval",
+        "mean_recall@1",
+        "hf_cache",
+    )
+    assert not any(t.size == 31014 or t.dataset == "nlphuji/flickr30k" for t in TASKS.values())
+    assert "flickr30k" in SUITES["datacomp38"] and "flickr30k" in SUITES["retrieval"]
+    assert TASKS["mscoco"].size == 5000 and TASKS["winogavil"].size == 3563
+
+
+def test_imagenet_variants_are_the_papers_seven_sets():
+    # The paper's mean includes IN-1k; DataComp's "ImageNet dist. shifts" (aggregate_scores.py) is the other six.
+    names = {TASKS[i].name for i in GROUPS["imagenet_variants"]}
+    shifts = {"ImageNet Sketch", "ImageNet v2", "ImageNet-A", "ImageNet-O", "ImageNet-R", "ObjectNet"}
+    assert names == shifts | {"ImageNet 1k"}
+
+
+def test_datacomp_precision_plan():
+    # DataComp (clip-benchmark 1.4.0, whose autocast is torch.cuda.amp.autocast): wds_eval.py builds the
+    # classifier at the default amp=True and runs images with amp=False; retr_eval.py and wino_eval.py run
+    # under autocast. On CPU torch.cuda.amp.autocast does nothing.
+    assert DEFAULT == "datacomp"
+    on, off = {"text": True, "image": True}, {"text": False, "image": False}
+    assert autocast_plan("datacomp", "cuda", "classification") == {"text": True, "image": False}
+    assert autocast_plan("datacomp", "cuda", "wilds") == {"text": True, "image": False}
+    assert autocast_plan("datacomp", "cuda", "retrieval") == on == autocast_plan("datacomp", "cuda", "winogavil")
+    for kind in ("classification", "wilds", "retrieval", "winogavil"):
+        assert autocast_plan("datacomp", "cpu", kind) == off
+        for device in ("cpu", "cuda"):
+            assert autocast_plan("fp32", device, kind) == off and autocast_plan("amp", device, kind) == on
+    with pytest.raises(ValueError, match="choose from datacomp, fp32, amp"):
+        autocast_plan("bf16", "cuda", "retrieval")
+
+
+def test_schema_and_cli_offer_the_precisions():
+    import argparse
+    from pathlib import Path
+
+    import yaml
+
+    from neuclip.commands import eval as eval_command
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflows" / "schema.yaml").read_text())
+    assert schema["properties"]["eval"]["properties"]["precision"]["enum"] == list(PRECISIONS)
+    parser = argparse.ArgumentParser()
+    eval_command.register(parser.add_subparsers())
+    argv = ["eval", "--model-dir", "m", "--suite", "tiny", "--data-root", "d", "--out", "o"]
+    assert parser.parse_args(argv).precision == DEFAULT
+    assert parser.parse_args(argv + ["--precision", "amp"]).precision == "amp"

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from neuclip.eval.precision import DEFAULT as DEFAULT_PRECISION
+from neuclip.eval.precision import PRECISIONS
+
 SUITE_HELP = {
     "tiny": "synthetic held-out sets (shape, colour, position classification; retrieval); --data-root = a "
     "`neuclip data synth` folder",
     "datacomp38": "DataComp's 38 tasks, main metrics and average; --data-root = DataComp's download_evalsets.py folder",
-    "imagenet_variants": "IN-1k, IN-V2, IN-Sketch, IN-A, IN-O, IN-R, ObjectNet (mean top-1)",
-    "retrieval": "Flickr30k, MSCOCO (mean of image and text recall@1) and WinoGAViL, DataComp's Retrieval group",
+    "imagenet_variants": "the paper's 7-set mean top-1: IN-1k, IN-V2, IN-Sketch, IN-A, IN-O, IN-R, ObjectNet",
+    "retrieval": "Flickr30k 1k and MSCOCO 5k test sets (mean of image and text recall@1) and WinoGAViL: DataComp's "
+    "Retrieval group",
 }
 
 
@@ -22,7 +26,8 @@ def register(sub) -> None:
             "Evaluates MODEL_DIR (a run's model/ folder) on a suite through clip_benchmark's own code and the "
             "local data under --data-root. Writes OUT/<task>.json (clip_benchmark's result format) per task and "
             "OUT/summary.json (main metric per task, group averages). Missing data fails before any work, "
-            "naming each set, where it goes and how to download it. A rerun skips finished tasks. Suites: "
+            "naming each set, where it goes and how to download it. A rerun skips finished tasks whose model and "
+            "task definition (data set, size, metric, precision) are unchanged, and recomputes the others. Suites: "
             + "; ".join(f"{k}: {v}" for k, v in SUITE_HELP.items())
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -35,10 +40,12 @@ def register(sub) -> None:
     parser.add_argument("--workers", type=int, default=4, help="data loader worker processes")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="mixed precision (default: on for GPU, off for CPU)",
+        "--precision",
+        choices=PRECISIONS,
+        default=DEFAULT_PRECISION,
+        help="which passes run under autocast: datacomp = DataComp's choices (on CUDA: zero-shot classifier "
+        "texts, retrieval and WinoGAViL in fp16 autocast, classification images in fp32; on CPU all fp32); "
+        "fp32 = none; amp = all (fp16 on CUDA, bf16 on CPU)",
     )
     parser.add_argument("--redo", action="store_true", help="recompute every task, ignoring finished task files")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -57,7 +64,7 @@ def run(args) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             device=args.device,
-            amp=args.amp,
+            precision=args.precision,
             redo=args.redo,
             progress=args.progress,
         )

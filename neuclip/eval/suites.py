@@ -3,9 +3,9 @@
 A task is one data set with one main metric. A suite is the list of tasks one `neuclip eval --suite` run
 evaluates; a group is a list of tasks whose main metrics are averaged into one number in summary.json.
 
-The DataComp list below reproduces DataComp's `tasklist.yml` (github.com/mlfoundations/datacomp, the
-version that `evaluate.py` and `aggregate_scores.py` read): its 38 tasks that have a main metric (FairFace
-and UTKFace have none and do not count), each task's `main_metric` (`acc1` where the file names none, as
+The DataComp list below reproduces DataComp's `tasklist.yml` (github.com/mlfoundations/datacomp at 4a8df19, April
+2025, the version that `evaluate.py` and `aggregate_scores.py` read): its 38 tasks that have a main metric
+(FairFace and UTKFace have none and do not count), each task's `main_metric` (`acc1` where the file names none, as
 `evaluate.py` defaults), and its averaging rule (`aggregate_scores.py`: the plain mean of the 38 main metrics,
 every task weighted equally; its "Retrieval" group is Flickr, MSCOCO and WinoGAViL). Data folder names follow
 DataComp's `download_evalsets.py`: `wds_<key with / -> ->_test` for webdataset sets (the `fairness/` prefix is
@@ -28,15 +28,15 @@ KINDS = ("classification", "wilds", "retrieval", "winogavil")
 @dataclass(frozen=True)
 class Task:
     id: str  # key in summary.json and the result file's stem: OUT_DIR/<id>.json
-    name: str  # display name (DataComp's, where the task is DataComp's)
+    name: str  # display name (DataComp's, where the task is DataComp's); display only
     kind: str  # one of KINDS
     main_metric: str  # key of the result JSON's "metrics" that summary.json and the groups use
     folder: str  # where the data lives, relative to --data-root
     dataset: str  # clip_benchmark dataset name (`wds/...`) or Hugging Face data set id (`nlphuji/...`)
     datacomp_key: str | None = None  # the task's key in DataComp's tasklist.yml
-    size: int | None = None  # number of test examples (DataComp's tasklist), for information
+    size: int | None = None  # number of test examples (DataComp's tasklist); part of the task's fingerprint
     num_classes: int | None = None
-    random_score: float | None = None  # chance level of the main metric (DataComp's tasklist)
+    random_score: float | None = None  # chance level of the main metric (DataComp's tasklist); display only
     wilds: str | None = None  # group-metric recipe for kind "wilds": iwildcam | fmow | dollar_street | geode
 
     @property
@@ -116,7 +116,18 @@ DATACOMP_TASKS: tuple[Task, ...] = (
     _wds("svhn", "SVHN", "vtab/svhn", size=26032, classes=10, chance=0.117897),
     # Retrieval: DataComp loads these with Hugging Face `datasets` (nlphuji/...), recall@{1,5,10}, and scores
     # mean_recall@1 = (image_retrieval_recall@1 + text_retrieval_recall@1) / 2.
-    _hf("flickr30k", "Flickr", "retrieval/flickr30k", "nlphuji/flickr30k", "mean_recall@1", size=31014),
+    # Flickr = the Flickr30k 1k test set: DataComp's tasklist.yml has had this key (with size 1000) since
+    # 50f09feb (15 May 2023, "Update with correct Flickr30k test set"), replacing `retrieval/flickr30k`, the
+    # whole 31,014-image nlphuji/flickr30k (train, val and test splits together). The id stays "flickr30k",
+    # the benchmark's name, as "mscoco" names the MSCOCO 5k test set.
+    _hf(
+        "flickr30k",
+        "Flickr",
+        "retrieval/flickr_1k_test_image_text_retrieval",
+        "nlphuji/flickr_1k_test_image_text_retrieval",
+        "mean_recall@1",
+        size=1000,
+    ),
     _hf(
         "mscoco",
         "MSCOCO",
@@ -198,7 +209,12 @@ TINY_TASKS: tuple[Task, ...] = (
 
 TASKS: dict[str, Task] = {t.id: t for t in DATACOMP_TASKS + TINY_TASKS}
 
-# The paper's "ImageNet & variants" (mean top-1) and "Retrieval" (DataComp's grouping, with WinoGAViL).
+# The paper's "ImageNet & variants": the mean top-1 of 7 sets, IN-1k included (DataComp's aggregate_scores.py
+# "ImageNet dist. shifts" is the other 6 without IN-1k; it is not computed here). "Retrieval": DataComp's
+# grouping (Flickr, MSCOCO, WinoGAViL). Its Flickr is the same 1k test set as DataComp-38's: the paper's
+# "Flickr30k" recall@1 comes from DataComp's evaluation (the FastCLIP code points there for DataComp numbers,
+# and the papers postdate May 2023), and the 1k test split is what "Flickr30k retrieval" means in CLIP papers;
+# the full 31,014 images would score retrieval over the training split too.
 IMAGENET_VARIANTS = (
     "imagenet1k",
     "imagenetv2",
