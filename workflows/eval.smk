@@ -20,8 +20,11 @@ rule evaluate:
         root=lambda w: wf.eval_data_root(config, w.dataset),
         batch=config.get("eval", {}).get("batch_size", 256),
         workers=config.get("eval", {}).get("workers", 4),
+        # eval.precision when set; otherwise the CLI's default (DataComp's choices) applies
+        precision=lambda w: f"--precision {p}" if (p := config.get("eval", {}).get("precision")) else "",
     log:
         f"{EXP_RUNS}/logs/eval/{RUN}/{{suite}}.log",
     shell:
         "neuclip eval --model-dir {params.model:q} --suite {wildcards.suite} --data-root {params.root:q}"
-        " --out {params.out:q} --batch-size {params.batch} --workers {params.workers} --no-progress > {log:q} 2>&1"
+        " --out {params.out:q} --batch-size {params.batch} --workers {params.workers} {params.precision}"
+        " --no-progress > {log:q} 2>&1"
