@@ -54,7 +54,9 @@ SYNTH_RETRIEVAL = Metric("task", "synth_retrieval", "synthetic retrieval R@1", "
 
 SPECS = [
     Spec("main", "DataComp-38 average (%) by data set and method", DC38, TINY, "datacomp38"),
-    Spec("imagenet_variants", "ImageNet & variants, mean top-1 accuracy (%)", IMNET, None, "imagenet_variants"),
+    Spec("imagenet_variants",
+         "ImageNet & variants, mean top-1 accuracy (%): the paper's 7-set mean (IN-1k, V2, Sketch, A, O, R, ObjectNet),"
+         " not DataComp's \"ImageNet dist. shifts\" (the 6 sets without IN-1k)", IMNET, None, "imagenet_variants"),
     Spec("retrieval", "Retrieval average (%) (Flickr30k, MSCOCO recall@1, WinoGAViL)", RETRIEVAL, SYNTH_RETRIEVAL,
          "retrieval"),
 ]
