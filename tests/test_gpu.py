@@ -121,8 +121,10 @@ def test_tiny_suite_on_gpu_matches_cpu(synth_data, tmp_path):
     model = tmp_path / "run" / "model"
     common = {"batch_size": 16, "workers": 0, "progress": False}
     cpu = evaluate_suite(model, "tiny", synth_data, tmp_path / "cpu", device="cpu", **common)
-    fp32 = evaluate_suite(model, "tiny", synth_data, tmp_path / "fp32", device="cuda", amp=False, **common)
-    amp = evaluate_suite(model, "tiny", synth_data, tmp_path / "amp", device="cuda", **common)  # amp on by default
+    fp32 = evaluate_suite(model, "tiny", synth_data, tmp_path / "fp32", device="cuda", precision="fp32", **common)
+    amp = evaluate_suite(model, "tiny", synth_data, tmp_path / "amp", device="cuda", precision="amp", **common)
+    datacomp = evaluate_suite(model, "tiny", synth_data, tmp_path / "dc", device="cuda", **common)  # the default
     for task, entry in cpu["tasks"].items():
         assert fp32["tasks"][task]["value"] == pytest.approx(entry["value"], abs=1 / 24 + 1e-9), task  # <= 1 sample
         assert math.isfinite(amp["tasks"][task]["value"]), task
+        assert math.isfinite(datacomp["tasks"][task]["value"]), task
