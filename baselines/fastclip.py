@@ -1,4 +1,4 @@
-"""FastCLIP (v0, v1, v3) and the GCL / RGCL-g objectives on per-sample normaliser state (METHOD.md §2-3).
+"""FastCLIP (v0, v1, v3) and the GCL / RGCL-g objectives on per-sample normaliser state (docs/method.md §2-3).
 
     GCL    (v0: learnable tau, v1: fixed tau):  1/n sum_i [log(eps + g1_i) + log(eps + g2_i)]
     RGCL-g (v3, default):                       tau/n sum_i [log(eps + g1_i) + log(eps + g2_i)] + 2 rho tau
@@ -6,7 +6,11 @@
 The log u state follows `per_sample.PerSampleEstimator` with FastCLIP's cosine gamma schedule. Gradients are
 the FCCO estimates, w_ij = exp(h_ij - a_i) / (B-1) detached:
     GCL:    grad = sum_j w_ij grad h_ij                 (h_ij = (s_ij - s_ii) / tau, live in tau)
-    RGCL-g: grad_e = sum_j w_ij grad (s_ij - s_ii),     d/dtau = a_i - sum_j w_ij h_ij + rho  (per modality)
+    RGCL-g: grad_e = sum_j w_ij grad (s_ij - s_ii)
+            d/dtau, with W_k = mean_i sum_j w_kij h_kij (`tau_grad`, docs/method.md §3):
+              exact  = mean(a1 + a2) + 2 rho - (W1 + W2)      the gradient of RGCL-g as written
+              public = mean(a1 + a2) / 2 + rho - (W1 + W2)    what the public FastCLIP code steps with, and what
+                                                             the published numbers and rho values came from
 tau is learned directly (own AdamW group, no weight decay, lr_tau, divided by 3 for good once tau <= 0.03),
 projected onto [tau_min, 1] after each step. The logged loss is the state's own estimate of the objective.
 FastCLIP-v2 (per-sample temperatures) is `isogclr` with `gamma_schedule: cosine`.
@@ -19,7 +23,8 @@ import torch
 from baselines.per_sample import PerSampleEstimator
 from neuclip.estimators.base import Batch, EstimatorContext, StepOutput
 from neuclip.estimators.ops import GlobalView, fcco_weights, gradient_neutral, log_eps_g
-from neuclip.estimators.temperature import TEMPERATURE_DEFAULTS, LearnableTemperature
+from neuclip.estimators.options import choice, number
+from neuclip.estimators.temperature import TEMPERATURE_OPTIONS, LearnableTemperature
 
 VERSIONS = {"v0": ("gcl", True), "v1": ("gcl", False), "v3": ("rgclg", True)}
 
@@ -48,7 +53,11 @@ class GlobalContrastive(LearnableTemperature, PerSampleEstimator):
             encoder = ((w1 * d1).sum(1) + (w2 * d2).sum(1)).mean()
             rho = self.cfg["rho"]
             with torch.no_grad():
-                tau_coef = (a1 - (w1 * h1).sum(1) + a2 - (w2 * h2).sum(1)).mean() + 2 * rho
+                fcco = ((w1 * h1).sum(1) + (w2 * h2).sum(1)).mean()
+                if self.cfg["tau_grad"] == "public":
+                    tau_coef = (a1 + a2).mean() / 2 + rho - fcco
+                else:
+                    tau_coef = (a1 + a2).mean() + 2 * rho - fcco
             surrogate = encoder + tau_coef * tau
             value = tau.detach() * (a1 + a2).mean() + 2 * rho * tau.detach()
         stats = {
@@ -64,22 +73,39 @@ class GlobalContrastive(LearnableTemperature, PerSampleEstimator):
         self.project_temperature()
 
 
+RHO = number(6.5, "rho of RGCL(-g): the temperature's penalty weight", minimum=0, shared=True)
+TAU_GRAD = choice("public", ("public", "exact"),
+                  "form of the global tau gradient (docs/method.md §3; docs/methods.md for the default)",
+                  shared=True)
+
+
 class FastCLIP(GlobalContrastive):
     name = "fastclip"
+    label = "FastCLIP-v3"
     description = "FastCLIP v0/v1/v3 (default v3: RGCL-g, cosine gamma)"
-    defaults = {
-        **PerSampleEstimator.common_defaults,
-        "version": "v3",
-        **TEMPERATURE_DEFAULTS,
-        "gamma_schedule": "cosine",
-        "rho": 6.5,
+    colour = "tab:red"
+    shadow: dict | None = {}
+    order = 50
+    options = {
+        **PerSampleEstimator.common_options,
+        "version": choice("v3", tuple(VERSIONS), "v0: GCL + learnable tau, v1: GCL + fixed tau, v3: RGCL-g "
+                          "(v2 is isogclr with gamma_schedule: cosine)"),
+        **TEMPERATURE_OPTIONS,
+        "gamma_schedule": choice("cosine", ("constant", "cosine"), "gamma schedule of the moving average"),
+        "rho": RHO,
+        "tau_grad": TAU_GRAD,
     }
 
+    @classmethod
+    def labels(cls) -> tuple[str, ...]:
+        # v2 runs are isogclr with a cosine gamma (its label_for says so); listed here so the versions sit
+        # together in every table.
+        return ("FastCLIP-v0", "FastCLIP-v1", "FastCLIP-v2", "FastCLIP-v3")
+
+    @classmethod
+    def label_for(cls, options: dict | None) -> str:
+        return f"FastCLIP-{(options or {}).get('version', 'v3')}"
+
     def __init__(self, cfg: dict, ctx: EstimatorContext):
-        if cfg["version"] not in VERSIONS:
-            raise ValueError(
-                f"fastclip: version must be one of {list(VERSIONS)} (v2 is isogclr with "
-                f"gamma_schedule: cosine), got {cfg['version']!r}"
-            )
         objective, learn_tau = VERSIONS[cfg["version"]]
         super().__init__(cfg, ctx, objective, learn_tau)

@@ -4,7 +4,7 @@
     h_ij = (s_ij - s_ii) / tau_i, per-sample state u_k[i] tracked at the sample's current tau_k[i].
 
 Encoder gradient (FCCO): tau_i grad g_hat_i / u_i = sum_j w_ij grad (s_ij - s_ii), w_ij = exp(h_ij - a_i)/(B-1).
-Temperature gradient per sample (METHOD §3): -sum_j w_ij h_ij + a_i + rho, clamped to +-grad_clip, fed to a
+Temperature gradient per sample (docs/method.md §3): -sum_j w_ij h_ij + a_i + rho, clamped to +-grad_clip, fed to a
 per-sample Adam (bias-corrected with the sample's own visit count), tau projected onto [tau_min, tau_max].
 Temperatures are estimator state, not encoder parameters: like u, they are updated for the whole global batch
 on every rank from all-gathered gradients. Its normaliser estimates live at per-sample temperatures, so the
@@ -18,23 +18,33 @@ import torch
 from baselines.per_sample import PerSampleEstimator
 from neuclip.estimators.base import Batch, EstimatorContext, StepOutput
 from neuclip.estimators.ops import GlobalView, fcco_weights, gather_no_grad, gradient_neutral, log_eps_g
+from neuclip.estimators.options import fraction_pair, number
 
 
 class ISogCLR(PerSampleEstimator):
     name = "isogclr"
+    label = "iSogCLR"
     description = "RGCL: per-sample normalisers and per-sample temperatures"
     estimate_kind = "per_sample_tau"
-    defaults = {
-        **PerSampleEstimator.common_defaults,
-        "rho": 6.5,
-        "tau_init": 0.07,
-        "tau_min": 0.01,
-        "tau_max": 1.0,
-        "tau_lr": 1e-3,  # (choice) per-sample Adam step size
-        "tau_betas": (0.9, 0.999),
-        "tau_adam_eps": 1e-8,
-        "tau_grad_clip": 5.0,
+    colour = "tab:brown"
+    order = 40
+    # Defaults of the FastCLIP group's CC3M iSogCLR / FastCLIP-v2 script (fast_clip README: --temperature 0.03,
+    # --rho 7.0, --lr_tau 0.0133 const): its rho and initial tau differ from RGCL-g's, so neither is shared.
+    options = {
+        **PerSampleEstimator.common_options,
+        "rho": number(7.0, "rho of RGCL (per-sample temperatures)", minimum=0),
+        "tau_init": number(0.03, "initial per-sample temperature", exclusive_minimum=0, maximum=1),
+        "tau_min": number(0.01, "lower bound of the per-sample temperatures", exclusive_minimum=0, maximum=1),
+        "tau_max": number(1.0, "upper bound of the per-sample temperatures", exclusive_minimum=0, maximum=1),
+        "tau_lr": number(0.0133, "per-sample Adam step size of the temperatures", minimum=0),
+        "tau_betas": fraction_pair((0.9, 0.999), "per-sample Adam betas"),
+        "tau_adam_eps": number(1e-8, "per-sample Adam epsilon", exclusive_minimum=0),
+        "tau_grad_clip": number(5.0, "clamp of the per-sample temperature gradient", exclusive_minimum=0),
     }
+
+    @classmethod
+    def label_for(cls, options: dict | None) -> str:
+        return "FastCLIP-v2" if (options or {}).get("gamma_schedule") == "cosine" else cls.label
 
     def __init__(self, cfg: dict, ctx: EstimatorContext):
         super().__init__(cfg, ctx)

@@ -1,4 +1,4 @@
-"""Shared machinery of the per-sample estimators (SogCLR, FastCLIP, iSogCLR): METHOD.md §3.
+"""Shared machinery of the per-sample estimators (SogCLR, FastCLIP, iSogCLR): docs/method.md §3.
 
 One log-normaliser state per sample and modality, `a_k[i] = log u_k[i]`, indexed by global sample id and
 updated only for the samples in the current global batch:
@@ -8,7 +8,7 @@ updated only for the samples in the current global batch:
 
 State is replicated on every rank: each rank computes g_hat for its own anchors, the values are all-gathered
 (no grad) and every rank applies the same update to all ids of the global batch, so the state is identical
-across ranks and equal to a single-process run on the whole batch (the choice METHOD §3 leaves open;
+across ranks and equal to a single-process run on the whole batch (the choice docs/method.md §3 leaves open;
 2 n floats per rank, on the device the estimator lives on).
 """
 
@@ -20,6 +20,7 @@ import torch
 
 from neuclip.estimators.base import Estimator, EstimatorContext
 from neuclip.estimators.ops import gather_no_grad
+from neuclip.estimators.options import choice, number
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -51,23 +52,21 @@ class PerSampleEstimator(Estimator):
     """Holds a1, a2 (log u per sample) and the gamma schedule; subclasses define the objective."""
 
     estimate_kind = "state"
-    common_defaults = {
-        "eps": 1e-14,
-        "gamma_schedule": "constant",  # constant | cosine
-        "gamma": 0.9,  # constant schedule
-        "gamma_min": None,  # cosine schedule; None = min(1, 4.177 E_total^-0.7265)
-        "gamma_decay_epochs": None,  # cosine schedule; None = total epochs
-        "state_dtype": "float32",
+    common_options = {
+        "eps": number(1e-14, "epsilon inside log(eps + g)", exclusive_minimum=0, shared=True),
+        "gamma_schedule": choice("constant", ("constant", "cosine"), "gamma schedule of the moving average"),
+        "gamma": number(0.9, "constant schedule: the moving-average weight", exclusive_minimum=0, maximum=1),
+        "gamma_min": number(None, "cosine schedule: final gamma; null = min(1, 4.177 E_total^-0.7265)",
+                            exclusive_minimum=0, maximum=1, nullable=True, shared=True),
+        "gamma_decay_epochs": number(None, "cosine schedule: epochs of the decay; null = total epochs",
+                                     exclusive_minimum=0, nullable=True, shared=True),
+        "state_dtype": choice("float32", tuple(DTYPES), "dtype of the per-sample state"),
     }
 
     def __init__(self, cfg: dict, ctx: EstimatorContext):
         super().__init__(cfg, ctx)
         if ctx.data_size <= 0:
             raise ValueError(f"{self.name}: needs data_size (max sample id + 1) > 0, got {ctx.data_size}")
-        if cfg["state_dtype"] not in DTYPES:
-            raise ValueError(f"{self.name}: state_dtype must be one of {list(DTYPES)}, got {cfg['state_dtype']!r}")
-        if cfg["gamma_schedule"] not in ("constant", "cosine"):
-            raise ValueError(f"{self.name}: gamma_schedule must be constant or cosine, got {cfg['gamma_schedule']!r}")
         dtype = DTYPES[cfg["state_dtype"]]
         self.register_buffer("a1", torch.full((ctx.data_size,), math.nan, dtype=dtype))
         self.register_buffer("a2", torch.full((ctx.data_size,), math.nan, dtype=dtype))

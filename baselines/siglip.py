@@ -2,7 +2,8 @@
 
     L = -1/B sum_i sum_j log sigmoid( z_ij * (s_ij / tau + b) ),  z_ij = +1 if i == j else -1
 
-Learnable logit scale (init log 10, i.e. tau = 0.1) and bias (init -10). There is no normaliser, so SigLIP is
+Learnable logit scale (init log 10, i.e. tau = 0.1) and bias (init -10), both at the model lr without weight
+decay (`lr_logit_scale: null`), as open_clip_train trains them. There is no normaliser, so SigLIP is
 left out of the error study. Distributed: open_clip's neighbour exchange (`dist_impl`), each rank's loss summed
 over its images against all texts and divided by the local batch, so DDP's average is the whole-batch loss.
 """
@@ -17,13 +18,22 @@ from torch import nn
 
 from neuclip.estimators.base import Batch, Estimator, EstimatorContext, StepOutput
 from neuclip.estimators.ops import world
+from neuclip.estimators.options import choice, number
 
 
 class SigLIP(Estimator):
     name = "siglip"
+    label = "SigLIP"
     description = "pairwise sigmoid loss (open_clip SigLipLoss), no normaliser"
     estimate_kind = "none"
-    defaults = {"logit_scale_init": math.log(10.0), "logit_bias_init": -10.0, "dist_impl": "gather", "lr_tau": None}
+    colour = "tab:gray"
+    order = 20
+    options = {
+        "logit_scale_init": number(math.log(10.0), "initial log(1/tau)"),
+        "logit_bias_init": number(-10.0, "initial logit bias"),
+        "dist_impl": choice("gather", ("bidir", "shift", "reduce", "gather"), "open_clip SigLipLoss dist_impl"),
+        "lr_logit_scale": number(None, "lr of logit scale and bias; null = the model lr", minimum=0, nullable=True),
+    }
 
     def __init__(self, cfg: dict, ctx: EstimatorContext):
         super().__init__(cfg, ctx)
@@ -45,7 +55,7 @@ class SigLIP(Estimator):
                 "name": "tau",
                 "params": [self.logit_scale, self.logit_bias],
                 "weight_decay": 0.0,
-                "lr": self.cfg["lr_tau"],
+                "lr": self.cfg["lr_logit_scale"],
             }
         ]
 

@@ -1,4 +1,4 @@
-"""SogCLR: the GCL objective with per-sample moving-average normalisers and a constant gamma (METHOD.md §3).
+"""SogCLR: the GCL objective with per-sample moving-average normalisers and a constant gamma (docs/method.md §3).
 
     objective: 1/n sum_i [log(eps + g1_i) + log(eps + g2_i)],  tau fixed
     u_k[i] <- (1 - gamma) u_k[i] + gamma (eps + g_hat_k[i]),    gradient sum_j exp(h_ij) grad h_ij / ((B-1) u_i)
@@ -11,19 +11,21 @@ from __future__ import annotations
 from baselines.fastclip import GlobalContrastive
 from baselines.per_sample import PerSampleEstimator
 from neuclip.estimators.base import EstimatorContext
+from neuclip.estimators.options import number
 
 
 class SogCLR(GlobalContrastive):
     name = "sogclr"
+    label = "SogCLR"
     description = "GCL with per-sample moving-average normalisers, constant gamma"
-    defaults = {
-        **PerSampleEstimator.common_defaults,
-        "gamma": 0.9,
-        "tau_init": 0.07,
-        "tau_min": 0.01,
-        "lr_tau": None,
-        "tau_lr_threshold": 0.0,
+    colour = "tab:orange"
+    shadow: dict | None = {"gamma": 0.9}
+    order = 30
+    options = {
+        **PerSampleEstimator.common_options,
+        "tau_init": number(0.07, "the fixed temperature", exclusive_minimum=0, maximum=1, shared=True),
     }
 
     def __init__(self, cfg: dict, ctx: EstimatorContext):
+        cfg = {**cfg, "tau_min": 0.01, "tau_lr_threshold": 0.0, "lr_tau": None}  # tau is fixed: never stepped
         super().__init__(cfg, ctx, objective="gcl", learn_tau=False)

@@ -1,4 +1,4 @@
-"""NeuCLIP: normaliser prediction network + unified objective, optimised alternately (METHOD.md §4).
+"""NeuCLIP: normaliser prediction network + unified objective, optimised alternately (docs/method.md §4).
 
 Unified objective (both blocks minimise it; computed in log space, e^-alpha (eps + g) = exp(log(eps+g) - alpha)):
 
@@ -10,11 +10,12 @@ gradient, by the envelope theorem) at alpha = l. Each iteration (alternating, th
   1. gather the global batch; every T_r iterations (t = 0 included) restart the prototypes W1 <- texts,
      W2 <- images sampled from `restart_sampling`, and (by default) reset AdaGrad;
   2. T_u AdaGrad steps on (W1, W2) for L with embeddings, s_ii and tau detached;
-  3. alpha <- NPN(...).detach(); the returned loss is L, whose gradient updates encoders and tau (AdamW).
+  3. alpha <- NPN(...).detach(); the returned loss is L, whose gradient updates encoders and tau (AdamW); the
+     tau gradient takes the form `tau_grad` says (public: the FastCLIP code base's, default; exact: L's own).
 The NPN update runs on the whole gathered batch on every rank (replicated, identical, no gradient all-reduce),
 the encoder loss on this rank's anchors. No per-sample state: sample ids are not used.
 
-Ablation switches (DFN-14M ablations in METHOD §4): objective unified|separate (separate: regress alpha onto l,
+Ablation switches (DFN-14M ablations in docs/method.md §4): objective unified|separate (separate: regress alpha onto l,
 AmorLIP style), npn prototype|mlp, updates alternating|simultaneous (one joint backward; the NPN's AdaGrad step
 then happens in after_optimizer_step, on rank-averaged gradients).
 
@@ -28,10 +29,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from baselines.fastclip import RHO, TAU_GRAD
 from neuclip.estimators.base import Batch, Estimator, EstimatorContext, StepOutput
 from neuclip.estimators.inner import InnerOptimizer
-from neuclip.estimators.ops import GlobalView, gather_no_grad, log_eps_g, world
-from neuclip.estimators.temperature import TEMPERATURE_DEFAULTS, LearnableTemperature
+from neuclip.estimators.ops import GlobalView, gather_no_grad, gradient_neutral, log_eps_g, world
+from neuclip.estimators.options import boolean, choice, integer, number
+from neuclip.estimators.temperature import TEMPERATURE_OPTIONS, LearnableTemperature
 from neuclip.nets import MLPNPN, PrototypeNPN
 
 CHOICES = {
@@ -49,30 +52,46 @@ def unified_terms(log_g: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 class NeuCLIP(LearnableTemperature, InnerOptimizer, Estimator):
     name = "neuclip"
+    label = "NeuCLIP"
     description = "NeuCLIP: prototype normaliser-prediction network, unified objective"
-    defaults = {
-        **TEMPERATURE_DEFAULTS,
-        "eps": 1e-14,
-        "rho": 6.5,
-        "num_prototypes": 4096,  # m
-        "inner_steps": 10,  # T_u
-        "restart_every": 500,  # T_r; 0 = never restart after the initialisation
-        "npn_lr": 0.05,
-        "reset_adagrad": True,
-        "restart_sampling": "recent",
-        "restart_jitter": 0.01,
-        "mlp_factor": 1.0,
-        "objective": "unified",
-        "npn": "prototype",
-        "updates": "alternating",
-        "seed": 0,
+    colour = "tab:green"
+    shadow: dict | None = {"num_prototypes": 256}
+    order = 70
+    options = {
+        **TEMPERATURE_OPTIONS,
+        "eps": number(1e-14, "epsilon inside log(eps + g)", exclusive_minimum=0, shared=True),
+        "rho": RHO,
+        "tau_grad": TAU_GRAD,
+        "num_prototypes": integer(4096, "m, prototypes per modality", minimum=1),
+        "inner_steps": integer(10, "T_u, AdaGrad steps of the NPN per iteration (alternating updates)", minimum=1),
+        "restart_every": integer(500, "T_r, iterations between prototype restarts; 0 = never after the first",
+                                 minimum=0),
+        "npn_lr": number(0.05, "AdaGrad lr of the NPN", exclusive_minimum=0),
+        "reset_adagrad": boolean(True, "reset AdaGrad's state at each restart"),
+        "restart_sampling": choice("recent", CHOICES["restart_sampling"], "where restart rows come from"),
+        "restart_jitter": number(0.01, "noise added to rows drawn with replacement", minimum=0),
+        "mlp_factor": number(1.0, "hidden width factor of the `npn: mlp` ablation", exclusive_minimum=0),
+        "objective": choice("unified", CHOICES["objective"], "NPN objective (ablation: separate)"),
+        "npn": choice("prototype", CHOICES["npn"], "NPN form (ablation: mlp)"),
+        "updates": choice("alternating", CHOICES["updates"], "block updates (ablation: simultaneous)"),
+        "seed": integer(0, "seed of the NPN initialisation and restart draws", minimum=0, shared=True),
     }
+
+    @classmethod
+    def check_context(cls, options: dict, ctx: EstimatorContext, global_batch: int) -> list[str]:
+        """m larger than what a restart can fill with distinct rows is allowed, with this warning."""
+        m = int(options["num_prototypes"])
+        if options["npn"] != "prototype":
+            return []
+        limit, source = (ctx.data_size, "the data set") if options["restart_sampling"] == "recent" else (
+            global_batch, "the global batch (restart_sampling: batch)")
+        if limit and m > limit:
+            return [f"num_prototypes={m} is larger than {source} ({limit}): restart rows are drawn with "
+                    f"replacement plus Gaussian jitter (restart_jitter={options['restart_jitter']})"]
+        return []
 
     def __init__(self, cfg: dict, ctx: EstimatorContext):
         super().__init__(cfg, ctx)
-        for key, allowed in CHOICES.items():
-            if cfg[key] not in allowed:
-                raise ValueError(f"neuclip: {key} must be one of {allowed}, got {cfg[key]!r}")
         self.init_temperature()
         m, d = int(cfg["num_prototypes"]), ctx.embed_dim
         self.generator = torch.Generator().manual_seed(int(cfg["seed"]))
@@ -163,14 +182,20 @@ class NeuCLIP(LearnableTemperature, InnerOptimizer, Estimator):
         self.iteration += 1
 
         local = slice(view.offset, view.offset + batch.image.shape[0])
-        if simultaneous:  # alpha keeps its graph: one backward feeds encoders, tau and the NPN
-            self.inner_optimizer().zero_grad(set_to_none=True)
-            alpha1, alpha2 = self.npn(batch.image, batch.text, all_pos[local], 1.0 / tau.detach(), eps)
+        if simultaneous:  # alpha keeps its graph in W only (inputs detached, docs/method.md §4): one backward
+            self.inner_optimizer().zero_grad(set_to_none=True)  # feeds encoders and tau (through l) and the NPN
+            alpha1, alpha2 = self.npn(all_image[local], all_text[local], all_pos[local], 1.0 / tau_now, eps)
         else:
             with torch.no_grad():
                 alpha1, alpha2 = self.npn(all_image[local], all_text[local], all_pos[local], 1.0 / tau_now, eps)
         rho = self.cfg["rho"]
-        loss = tau * (unified_terms(log_g1, alpha1) + unified_terms(log_g2, alpha2)).mean() + 2 * rho * tau
+        terms = (unified_terms(log_g1, alpha1) + unified_terms(log_g2, alpha2)).mean()
+        value = tau.detach() * terms.detach() + 2 * rho * tau.detach()
+        if self.cfg["tau_grad"] == "public":
+            # The FastCLIP code base's form (docs/method.md §3): d/dtau = terms/2 + rho + tau d(terms)/dtau.
+            loss = gradient_neutral(tau.detach() * terms + (terms.detach() / 2 + rho) * tau, value)
+        else:  # exact: d/dtau = terms + 2 rho + tau d(terms)/dtau
+            loss = tau * terms + 2 * rho * tau
         with torch.no_grad():
             gap = torch.cat([alpha1 - log_g1, alpha2 - log_g2]).abs().mean()
         stats = {

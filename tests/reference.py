@@ -1,4 +1,4 @@
-"""Independent float64 references for the estimator tests, written plainly from METHOD.md's formulas.
+"""Independent float64 references for the estimator tests, written plainly from docs/method.md's formulas.
 
 Deliberately loop-based and in linear space (no log-sum-exp tricks) so they share no code with the package;
 inputs are kept moderate (tau >= 0.05 and unit vectors) so exp() cannot overflow in float64.
@@ -74,3 +74,32 @@ def correlated_pair(n: int, d: int, gen: torch.Generator, noise: float = 0.5):
     e1 = base + noise * torch.randn(n, d, generator=gen, dtype=torch.float64)
     e2 = base + noise * torch.randn(n, d, generator=gen, dtype=torch.float64)
     return e1 / e1.norm(dim=1, keepdim=True), e2 / e2.norm(dim=1, keepdim=True)
+
+
+def log_batch_sum(anchor, other, tau, pos_coef) -> torch.Tensor:
+    """AmorLIP's absolute-scale target (docs/method.md §5):
+    log( sum_{j != i} exp(a_i.o_j / tau) + c exp(a_i.o_i / tau) )."""
+    out = []
+    for i in range(anchor.shape[0]):
+        total = pos_coef * torch.exp(anchor[i] @ other[i] / tau)
+        for j in range(other.shape[0]):
+            if j != i:
+                total = total + torch.exp(anchor[i] @ other[j] / tau)
+        out.append(torch.log(total))
+    return torch.stack(out)
+
+
+def amorlip_encoder_loss(e1, e2, tau, log_w1, log_w2, pos_coef, rho) -> torch.Tensor:
+    """The public AmorLIP encoder loss with detached weights w (docs/method.md §5), with tau_det from `tau`:
+    tau_det [ -2 mean_i z_ii + sum_k mean_i sum_j exp(z_kij) c^[j=i] / w_k_i ] + rho tau,  z = s / tau."""
+    B = e1.shape[0]
+    total = 0.0
+    for i in range(B):
+        total = total - 2 * (e1[i] @ e2[i]) / tau
+        for anchor, other, log_w in ((e1, e2, log_w1), (e2, e1, log_w2)):
+            row = 0.0
+            for j in range(B):
+                weight = pos_coef if j == i else 1.0
+                row = row + weight * torch.exp(anchor[i] @ other[j] / tau)
+            total = total + row / torch.exp(log_w[i])
+    return tau.detach() * total / B + rho * tau

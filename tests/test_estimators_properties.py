@@ -11,6 +11,7 @@ import torch
 import tests.reference as ref
 from baselines.per_sample import cosine_gamma, default_gamma_min, moving_average_log
 from neuclip.estimators import Batch, EstimatorContext, build_estimator, method_names
+from neuclip.estimators.options import OptionError
 from neuclip.neuclip import unified_terms
 
 EPS = 1e-8
@@ -80,8 +81,9 @@ class OracleNPN(torch.nn.Module):
 def test_neuclip_envelope_equals_rgclg(B, d, tau):
     rho = 6.5
     gen = torch.Generator().manual_seed(B)
-    cfg = {"tau_init": tau, "eps": EPS, "rho": rho, "num_prototypes": 8, "inner_steps": 0, "restart_every": 0}
+    cfg = {"tau_init": tau, "eps": EPS, "rho": rho, "num_prototypes": 8, "restart_every": 0, "tau_grad": "exact"}
     est = build_estimator("neuclip", cfg, EstimatorContext(embed_dim=d)).double()
+    est.cfg["inner_steps"] = 0  # keep the random prototypes: "any alpha"
     e1, e2 = ref.correlated_pair(B, d, gen)
     # any alpha: the unified loss bounds RGCL-g from above
     x, y = e1.clone().requires_grad_(True), e2.clone().requires_grad_(True)
@@ -110,8 +112,9 @@ def test_neuclip_inner_steps_reduce_alpha_error():
     exact = torch.log(EPS + ref.g_hat(e1, e2, tau)), torch.log(EPS + ref.g_hat(e2, e1, tau))
     errors = []
     for inner in (0, 10, 50):
-        cfg = {"tau_init": tau, "eps": EPS, "num_prototypes": 32, "inner_steps": inner, "restart_every": 0}
+        cfg = {"tau_init": tau, "eps": EPS, "num_prototypes": 32, "restart_every": 0}
         est = build_estimator("neuclip", cfg, EstimatorContext(embed_dim=d)).double()
+        est.cfg["inner_steps"] = inner  # 0 is not a valid setting; here it is the "no NPN steps" baseline
         est(Batch(e1, e2, torch.arange(B), 0, 0.0))
         a1, a2 = est.log_normalizers(e1, e2, torch.arange(B))
         errors.append(float(((a1 - exact[0]) ** 2 + (a2 - exact[1]) ** 2).mean()))
@@ -166,7 +169,7 @@ def test_ids_beyond_data_size_are_a_clear_error():
 
 
 def test_unknown_option_and_method_names_are_listed():
-    with pytest.raises(KeyError, match="known options"):
+    with pytest.raises(OptionError, match="known options"):
         build_estimator("neuclip", {"num_protoypes": 3}, small_ctx())
     with pytest.raises(KeyError, match="known methods"):
         build_estimator("neuclp", {}, small_ctx())
@@ -209,3 +212,26 @@ def test_state_dict_round_trip_is_bit_exact(method):
     for key in sa:
         if torch.is_tensor(sa[key]):
             assert torch.equal(sa[key].nan_to_num(), sb[key].nan_to_num()), key
+
+
+def test_neuclip_simultaneous_updates_detach_the_npn_inputs():
+    """`updates: simultaneous` backpropagates once into encoders and NPN, but the NPN sees detached embeddings
+    (docs/method.md §4): for the same alpha the encoder gradient equals the alternating form's."""
+    B, d, tau = 10, 6, 0.1
+    gen = torch.Generator().manual_seed(11)
+    e1, e2 = ref.correlated_pair(B, d, gen)
+    cfg = {"tau_init": tau, "eps": EPS, "num_prototypes": 8, "restart_every": 0}
+    alternating = build_estimator("neuclip", cfg, EstimatorContext(embed_dim=d)).double()
+    alternating.cfg["inner_steps"] = 0  # no NPN step before alpha, as in the simultaneous form
+    simultaneous = build_estimator("neuclip", {**cfg, "updates": "simultaneous"}, EstimatorContext(embed_dim=d))
+    simultaneous = simultaneous.double()
+    simultaneous.load_state_dict(alternating.state_dict())
+    grads = []
+    for est in (alternating, simultaneous):
+        x, y = e1.clone().requires_grad_(True), e2.clone().requires_grad_(True)
+        est(Batch(x, y, torch.arange(B), 0, 0.0)).loss.backward()
+        grads.append((x.grad, y.grad, est.tau.grad))
+    for a, b in zip(*grads):
+        close(b, a)
+    assert simultaneous.npn.w1.grad is not None and simultaneous.npn.w1.grad.abs().sum() > 0
+    assert alternating.npn.w1.grad is None

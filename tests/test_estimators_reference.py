@@ -85,7 +85,8 @@ GCL_VARIANTS = [
     ("sogclr", {"gamma": 0.7}, "gcl", False),
     ("fastclip", {"version": "v0", "gamma_min": 0.3}, "gcl", True),
     ("fastclip", {"version": "v1", "gamma_min": 0.3}, "gcl", False),
-    ("fastclip", {"version": "v3", "gamma_min": 0.3, "rho": 6.5}, "rgclg", True),
+    ("fastclip", {"version": "v3", "gamma_min": 0.3, "rho": 6.5, "tau_grad": "exact"}, "rgclg", True),
+    ("fastclip", {"version": "v3", "gamma_min": 0.3, "rho": 6.5, "tau_grad": "public"}, "rgclg", True),
 ]
 
 
@@ -94,7 +95,9 @@ GCL_VARIANTS = [
 def test_per_sample_gcl_and_rgclg(method, opts, objective, learn_tau, B, d, tau):
     gen = torch.Generator().manual_seed(100 + B)
     data_size = B + B // 2 + 3  # ids never seen stay NaN
-    cfg = {**opts, "tau_init": tau, "tau_min": 0.001, "eps": EPS, "state_dtype": "float64"}
+    cfg = {**opts, "tau_init": tau, "eps": EPS, "state_dtype": "float64"}
+    if method == "fastclip":
+        cfg["tau_min"] = 0.001
     ctx = EstimatorContext(embed_dim=d, data_size=data_size, total_epochs=4.0)
     est = build_estimator(method, cfg, ctx).double()
     u1, u2 = [None] * data_size, [None] * data_size
@@ -126,7 +129,9 @@ def test_per_sample_gcl_and_rgclg(method, opts, objective, learn_tau, B, d, tau)
         else:
             rho = opts["rho"]
             (tau_t.detach() * (g1 / U1 + g2 / U2).mean()).backward()
-            dtau = 2 * rho
+            # docs/method.md §3: exact = mean(a1 + a2) + 2 rho - (W1 + W2); public = mean(a1 + a2)/2 + rho - (W1 + W2)
+            public = opts["tau_grad"] == "public"
+            dtau = rho if public else 2 * rho
             for anchor, other, U in ((e1, e2, U1), (e2, e1, U2)):
                 for i in range(B):
                     weighted = sum(
@@ -136,7 +141,7 @@ def test_per_sample_gcl_and_rgclg(method, opts, objective, learn_tau, B, d, tau)
                         for j in range(B)
                         if j != i
                     )
-                    dtau = dtau + (U[i].log() - weighted / ((B - 1) * U[i])) / B
+                    dtau = dtau + (U[i].log() / (2 if public else 1) - weighted / ((B - 1) * U[i])) / B
             close(out.loss.detach(), tau * (U1.log() + U2.log()).mean() + 2 * rho * tau)
             close(est.tau.grad, dtau)
         close(gx, x.grad)
@@ -193,12 +198,14 @@ def test_isogclr_per_sample_temperatures(B, d, tau):
         close(gy, y.grad)
 
 
+@pytest.mark.parametrize("tau_grad", ["exact", "public"])
 @pytest.mark.parametrize("B,d,tau", CASES)
-def test_neuclip_encoder_block_matches_unified_objective(B, d, tau):
+def test_neuclip_encoder_block_matches_unified_objective(B, d, tau, tau_grad):
     gen = torch.Generator().manual_seed(300 + B)
     rho, m = 6.5, 6
-    cfg = {"tau_init": tau, "eps": EPS, "rho": rho, "num_prototypes": m, "inner_steps": 0, "restart_every": 0}
+    cfg = {"tau_init": tau, "eps": EPS, "rho": rho, "num_prototypes": m, "restart_every": 0, "tau_grad": tau_grad}
     est = build_estimator("neuclip", cfg, EstimatorContext(embed_dim=d)).double()
+    est.cfg["inner_steps"] = 0  # freeze the NPN, so its alphas can be read back and used by the reference
     for t in range(2):
         e1, e2 = ref.correlated_pair(B, d, gen)
         est.tau.grad = None
@@ -209,21 +216,26 @@ def test_neuclip_encoder_block_matches_unified_objective(B, d, tau):
         a2 = ref.npn_alpha(e2, est.npn.w2.detach(), pos, tau, EPS)
         close(torch.stack(est.log_normalizers(e1, e2, torch.arange(B))), torch.stack([a1, a2]), rtol=1e-5)
         g1, g2 = ref.g_hat(x, y, tau_t), ref.g_hat(y, x, tau_t)
-        expected = tau_t * (torch.exp(-a1) * (EPS + g1) + a1 - 1 + torch.exp(-a2) * (EPS + g2) + a2 - 1).mean()
-        expected = expected + 2 * rho * tau_t
+        terms = (torch.exp(-a1) * (EPS + g1) + a1 - 1 + torch.exp(-a2) * (EPS + g2) + a2 - 1).mean()
+        expected = tau_t * terms + 2 * rho * tau_t
+        (d_terms,) = torch.autograd.grad(terms, tau_t, retain_graph=True)
         expected.backward()
         close(out.loss.detach(), expected.detach())
         close(gx, x.grad)
         close(gy, y.grad)
-        close(est.tau.grad, tau_t.grad)
+        if tau_grad == "exact":  # the gradient of the unified objective itself
+            close(est.tau.grad, tau_t.grad)
+        else:  # docs/method.md §3's public form: terms / 2 + rho + tau d(terms)/dtau
+            close(est.tau.grad, terms.detach() / 2 + rho + tau * d_terms)
 
 
 @pytest.mark.parametrize("B,d,tau", CASES)
 def test_neuclip_npn_block_is_one_adagrad_step_on_the_unified_objective(B, d, tau):
     gen = torch.Generator().manual_seed(400 + B)
     lr, m = 0.05, 5
-    cfg = {"tau_init": tau, "eps": EPS, "num_prototypes": m, "inner_steps": 0, "restart_every": 0, "npn_lr": lr}
+    cfg = {"tau_init": tau, "eps": EPS, "num_prototypes": m, "restart_every": 0, "npn_lr": lr}
     est = build_estimator("neuclip", cfg, EstimatorContext(embed_dim=d)).double()
+    est.cfg["inner_steps"] = 0
     step(est, *ref.correlated_pair(B, d, gen), torch.arange(B), 0)  # t = 0: restart only
     w1, w2 = (est.npn.w1.detach().clone().requires_grad_(True), est.npn.w2.detach().clone().requires_grad_(True))
     est.cfg["inner_steps"] = 1
@@ -239,22 +251,111 @@ def test_neuclip_npn_block_is_one_adagrad_step_on_the_unified_objective(B, d, ta
         close(new.detach(), expected)
 
 
-def test_amorlip_encoder_block_uses_ema_lambda():
-    B, d, tau, rho = 8, 5, 0.1, 6.5
+def amorlip(cfg, d, B):
+    ctx = EstimatorContext(embed_dim=d, total_steps=10, total_epochs=4.0, steps_per_epoch=2)
+    return build_estimator("amorlip", cfg, ctx).double()
+
+
+def log_scale_leaf(tau):
+    return torch.tensor(math.log(1 / tau), dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("adaptive_tau", [False, True])
+@pytest.mark.parametrize("B,d,tau", CASES)
+def test_amorlip_epoch0_weights_are_the_batch_sums(B, d, tau, adaptive_tau):
+    """fit_w_prev in epoch 0 (beta = 0): the lambda target and the encoder's weight are the absolute-scale batch
+    sums log Z; the encoder loss, its embedding and log(1/tau) gradients follow the public form (§5)."""
+    gen = torch.Generator().manual_seed(500 + B)
+    rho, c = 6.5, 1e-3
+    est = amorlip({"tau_init": tau, "rho": rho, "pos_coef": c, "adaptive_tau": adaptive_tau}, d, B)
+    est.on_epoch_start(0)
+    e1, e2 = ref.correlated_pair(B, d, gen)
+    out, gx, gy = step(est, e1, e2, torch.arange(B), 0, 0.0)
+    x, y = e1.clone().requires_grad_(True), e2.clone().requires_grad_(True)
+    ls = log_scale_leaf(tau)
+    tau_t = torch.exp(-ls)
+    log_z1 = ref.log_batch_sum(e1, e2, tau, c)
+    log_z2 = ref.log_batch_sum(e2, e1, tau, c)
+    loss = ref.amorlip_encoder_loss(x, y, tau_t, log_z1, log_z2, c, rho)
+    if adaptive_tau:  # the public --adaptive_tau term: tau * (mean(log w1 + log w2) - 2 log B - 2 mean z_ii)
+        pos = torch.stack([e1[i] @ e2[i] for i in range(B)]) / tau
+        loss = loss + tau_t * float((log_z1 + log_z2).mean() - 2 * math.log(B) - 2 * pos.mean())
+    loss.backward()
+    close(gx, x.grad)
+    close(gy, y.grad)
+    close(est.logit_scale.grad, ls.grad)
+    assert out.stats["beta"] == 0.0
+
+
+@pytest.mark.parametrize("B,d,tau", CASES)
+def test_amorlip_adaptive_tau_is_the_exact_gradient_of_its_objective(B, d, tau):
+    """At w = Z (epoch 0), the adaptive form's tau gradient equals d/dtau of AmorLIP's own objective
+    tau sum_k mean_i log( 1/B sum_j exp(h_kij) c^[j=i] ) + rho tau: the public form uses 1/B, not §1's 1/(B-1)."""
+    gen = torch.Generator().manual_seed(600 + B)
+    rho, c = 6.5, 1e-3
+    est = amorlip({"tau_init": tau, "rho": rho, "pos_coef": c, "adaptive_tau": True}, d, B)
+    est.on_epoch_start(0)
+    e1, e2 = ref.correlated_pair(B, d, gen)
+    step(est, e1, e2, torch.arange(B), 0, 0.0)
+    tau_t = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    objective = rho * tau_t
+    for anchor, other in ((e1, e2), (e2, e1)):
+        for i in range(B):
+            row = sum((c if j == i else 1.0) * torch.exp((anchor[i] @ other[j] - anchor[i] @ other[i]) / tau_t)
+                      for j in range(B))
+            objective = objective + tau_t * torch.log(row / B) / B
+    objective.backward()
+    # the estimator learns log(1/tau): d/d(log scale) = -tau d/dtau
+    close(est.logit_scale.grad, -tau * tau_t.grad)
+
+
+def test_amorlip_later_epochs_mix_the_frozen_snapshot():
+    """fit_w_prev after epoch 0: the weight is log(beta_E lambda_prev + (1 - beta_E) Z), lambda_prev the EMA nets
+    frozen at the epoch start, beta_E the public cosine rise (here E = 1 of decay 2: beta = beta_max / 2)."""
+    B, d, tau, rho, c, beta_max = 8, 5, 0.1, 6.5, 1e-3, 0.8
     gen = torch.Generator().manual_seed(7)
-    cfg = {"tau_init": tau, "eps": EPS, "rho": rho, "ema_decay": 0.5}
-    est = build_estimator("amorlip", cfg, EstimatorContext(embed_dim=d, total_steps=10)).double()
+    est = amorlip({"tau_init": tau, "rho": rho, "pos_coef": c, "beta_max": beta_max, "beta_decay_epochs": 2}, d, B)
+    est.on_epoch_start(0)
+    step(est, *ref.correlated_pair(B, d, gen), torch.arange(B), 0, 0.0)
+    est.on_epoch_start(1)
+    e1, e2 = ref.correlated_pair(B, d, gen)
+    prev1, prev2 = (p.double().detach() for p in est.prev(e1, e2, None, None, 0.0))
+    out, gx, gy = step(est, e1, e2, torch.arange(B), 1, 1.0)
+    beta = beta_max - beta_max * 0.5 * (1 + math.cos(math.pi * 1 / 2))
+    assert out.stats["beta"] == pytest.approx(beta) and beta == pytest.approx(0.4)
+    log_w1 = torch.log(beta * torch.exp(prev1) + (1 - beta) * torch.exp(ref.log_batch_sum(e1, e2, tau, c)))
+    log_w2 = torch.log(beta * torch.exp(prev2) + (1 - beta) * torch.exp(ref.log_batch_sum(e2, e1, tau, c)))
+    x, y = e1.clone().requires_grad_(True), e2.clone().requires_grad_(True)
+    ref.amorlip_encoder_loss(x, y, torch.tensor(tau, dtype=torch.float64), log_w1, log_w2, c, rho).backward()
+    close(gx, x.grad, rtol=1e-5)  # lambda_prev is a float32 net
+    close(gy, y.grad, rtol=1e-5)
+
+
+def test_amorlip_ema_mode_weights_are_the_ema_nets():
+    B, d, tau, rho, c = 8, 5, 0.1, 6.5, 1e-3
+    gen = torch.Generator().manual_seed(8)
+    est = amorlip({"tau_init": tau, "rho": rho, "pos_coef": c, "mode": "ema"}, d, B)
+    est.on_epoch_start(0)
     for t in range(2):
         e1, e2 = ref.correlated_pair(B, d, gen)
-        est.tau.grad = None
-        out, gx, gy = step(est, e1, e2, torch.arange(B), t)
-        lam1, lam2 = (a.double() for a in est.log_normalizers(e1, e2, torch.arange(B)))
-        x, y, tau_t = leaves(e1, e2, tau)
-        g1, g2 = ref.g_hat(x, y, tau_t), ref.g_hat(y, x, tau_t)
-        expected = tau_t * (torch.exp(-lam1) * (EPS + g1) + lam1 - 1 + torch.exp(-lam2) * (EPS + g2) + lam2 - 1).mean()
-        expected = expected + rho * tau_t
-        expected.backward()
-        close(out.loss.detach(), expected.detach(), rtol=1e-5)  # lambda was read back in float32
+        out, gx, gy = step(est, e1, e2, torch.arange(B), t, 0.0)
+        lam1, lam2 = (p.double().detach() for p in est.target(e1, e2, None, None, 0.0))
+        x, y = e1.clone().requires_grad_(True), e2.clone().requires_grad_(True)
+        ref.amorlip_encoder_loss(x, y, torch.tensor(tau, dtype=torch.float64), lam1, lam2, c, rho).backward()
         close(gx, x.grad, rtol=1e-5)
         close(gy, y.grad, rtol=1e-5)
-        close(est.tau.grad, tau_t.grad, rtol=1e-5)
+
+
+def test_amorlip_alpha_is_on_section_1_scale():
+    """log_normalizers converts the EMA nets' log lambda (absolute scale) to alpha = log lambda - z_ii - log(B - 1)."""
+    B, d, tau = 8, 5, 0.1
+    gen = torch.Generator().manual_seed(9)
+    est = amorlip({"tau_init": tau}, d, B)
+    est.on_epoch_start(0)
+    e1, e2 = ref.correlated_pair(B, d, gen)
+    step(est, e1, e2, torch.arange(B), 0, 0.0)
+    lam1, lam2 = (p.double() for p in est.target(e1, e2, None, None, 0.0))
+    pos = torch.stack([e1[i] @ e2[i] for i in range(B)]) / tau
+    a1, a2 = (a.double() for a in est.log_normalizers(e1, e2, torch.arange(B)))
+    close(a1, lam1 - pos - math.log(B - 1), rtol=1e-5)
+    close(a2, lam2 - pos - math.log(B - 1), rtol=1e-5)

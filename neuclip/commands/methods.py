@@ -1,4 +1,4 @@
-"""`neuclip methods`: list the registered normaliser estimators."""
+"""`neuclip methods`: list the registered normaliser estimators (and, with --options, every option)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,20 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from neuclip.estimators.registry import METHODS, estimator_class
+    from neuclip.estimators.options import describe
+    from neuclip.estimators.registry import estimator_class, method_names, shared_option_keys
 
-    width = max(map(len, METHODS))
-    for name, (_, description) in METHODS.items():
-        print(f"{name:<{width}}  {description}")
+    names = method_names()
+    width = max(map(len, names))
+    for name in names:
+        cls = estimator_class(name)
+        print(f"{name:<{width}}  {cls.description}")
         if args.options:
-            for key, value in sorted(estimator_class(name).defaults.items()):
-                print(f"{'':<{width}}    {key} = {value!r}")
+            for key, opt in sorted(cls.options.items()):
+                shared = "  [shared]" if opt.shared else ""
+                print(f"{'':<{width}}    {key} = {opt.default!r}  ({describe(opt.schema)}){shared}  {opt.help}")
+    if args.options:
+        print("\nshared options (an experiment's common_options sets them for every method that takes them):")
+        for key, methods in shared_option_keys().items():
+            print(f"  {key}: {', '.join(methods)}")
     return 0

@@ -51,17 +51,17 @@ def run(args) -> int:
 
 
 def _check_method(cfg: dict) -> None:
-    """Fail before submitting anything if the method or its options are unknown."""
-    from neuclip.estimators.registry import estimator_class
+    """Fail before submitting anything (and before a run folder exists) if the method or an option is bad."""
+    from neuclip.estimators.base import EstimatorContext
+    from neuclip.estimators.registry import check_method
+    from neuclip.train.config import ConfigError
 
-    name = cfg["method"]["name"]
-    cls = estimator_class(name)
-    defaults = getattr(cls, "defaults", {})
-    unknown = sorted(set(cfg["method"]["options"]) - set(defaults))
-    if unknown:
-        from neuclip.train.config import ConfigError
-
-        raise ConfigError(
-            f"method.options: unknown option(s) {unknown} for method {name!r}; known options: "
-            f"{', '.join(sorted(defaults))}"
-        )
+    m = cfg["method"]
+    ctx = EstimatorContext(embed_dim=1, data_size=int(cfg["data"]["data_size"]))
+    try:
+        _, warnings = check_method(m["name"], m["options"], m["common_options"], ctx,
+                                   int(cfg["train"]["global_batch_size"]))
+    except ValueError as err:  # OptionError
+        raise ConfigError(str(err)) from err
+    for message in warnings:
+        print(f"neuclip train: warning: method {m['name']!r}: {message}", file=sys.stderr)

@@ -6,7 +6,7 @@ global batch itself (with grad, so that DDP's gradient average equals the single
 whole global batch), runs its own inner block (per-sample state update, NPN steps, lambda-net steps) and
 returns the loss for the encoder/temperature block.
 
-Conventions every estimator follows (see ../shared/docs/METHOD.md §1):
+Conventions every estimator follows (see docs/method.md §1):
 - `h_ij = (s_ij - s_ii) / tau`, the mini-batch normaliser `g_hat_i = 1/(B-1) sum_{j != i} exp(h_ij)`, and
   the log-normaliser `alpha_i = log(eps + g_i)`. k = 1 is the image anchor, k = 2 the text anchor.
 - The returned loss is a *surrogate*: its gradient is the method's gradient estimator. Its value is replaced
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from neuclip.estimators.options import Option
 
 
 @dataclass
@@ -50,14 +52,53 @@ class EstimatorContext:
 
 
 class Estimator(nn.Module):
-    """Base class. Subclasses set `name`, `description`, `estimate_kind` and implement `forward`."""
+    """Base class. A subclass declares what the rest of the harness derives from it, and implements `forward`.
+
+    Declared per class (the registry, the schema enums, the report and the error study read these; nothing
+    else lists methods):
+      name          registry name (what configs write)
+      label         the report's row label; `labels()`/`label_for()` when options change it (FastCLIP-vN)
+      description   one line for `neuclip methods`
+      estimate_kind how the error study reads this method's log-normaliser estimate (METHOD §6.3):
+                    "state": `log_normalizers()` returns stored/predicted alphas; "minibatch": log(eps + g_hat)
+                    from a random batch of the training batch size; anything else is not scored
+                    ("none": no normaliser, SigLIP; "per_sample_tau": iSogCLR's estimates live at
+                    per-sample temperatures)
+      colour        matplotlib colour of its curves
+      shadow        options of its shadow copy in the error-study sweep, or None for no shadow by default
+      order         position in every method table (ascending)
+      options       {key: Option}: the one declaration of its options (type, range, default, help)
+    """
 
     name: str = ""
+    label: str = ""
     description: str = ""
-    # How the error study reads this method's log-normaliser estimate (METHOD §6.3):
-    #   "state": `log_normalizers()` returns stored/predicted alphas; "minibatch": log(eps + g_hat) from a
-    #   random batch of the training batch size; "none": the method has no normaliser (SigLIP).
     estimate_kind: str = "state"
+    colour: str | None = None
+    shadow: dict | None = None
+    order: float = 100.0
+    options: dict[str, Option] = {}
+    defaults: dict = {}  # derived from `options` for every subclass
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.defaults = {key: opt.default for key, opt in cls.options.items()}
+
+    @classmethod
+    def labels(cls) -> tuple[str, ...]:
+        """Every label this method's runs can carry in a table."""
+        return (cls.label or cls.name,)
+
+    @classmethod
+    def label_for(cls, options: dict | None) -> str:
+        """The label of a run with these (explicit) options."""
+        return cls.label or cls.name
+
+    @classmethod
+    def check_context(cls, options: dict, ctx: EstimatorContext, global_batch: int) -> list[str]:
+        """Checks that need the run's sizes: raise OptionError for what cannot run, return warnings for what
+        runs but not as one might expect. `options` are the full resolved options."""
+        return []
 
     def __init__(self, cfg: dict, ctx: EstimatorContext):
         super().__init__()

@@ -1,47 +1,127 @@
-"""Registry: method name -> estimator class, imported lazily so listing methods stays cheap."""
+"""Registry: every Estimator subclass found in the estimator modules, by its declared `name`.
+
+Adding an estimator is adding one file: a module under `baselines/` (or `neuclip/neuclip.py` for the method
+itself) defining an `Estimator` subclass with a `name`. Everything that lists methods derives from here: the
+experiment schema's method enum, `neuclip methods`, the report's labels and row order, the error study's
+scored set and default shadows, the plot colours. See "Adding an estimator" in docs/methods.md.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
+import warnings
 
 from neuclip.estimators.base import Estimator, EstimatorContext
+from neuclip.estimators.options import OptionError, check
 
-# name -> (module:Class, one-line description)
-METHODS: dict[str, tuple[str, str]] = {
-    "openclip": ("baselines.openclip:OpenCLIP", "mini-batch contrastive loss (open_clip ClipLoss), learnable tau"),
-    "siglip": ("baselines.siglip:SigLIP", "pairwise sigmoid loss (open_clip SigLipLoss), no normaliser"),
-    "sogclr": ("baselines.sogclr:SogCLR", "GCL with per-sample moving-average normalisers, constant gamma"),
-    "isogclr": ("baselines.isogclr:ISogCLR", "RGCL: per-sample normalisers and per-sample temperatures"),
-    "fastclip": ("baselines.fastclip:FastCLIP", "FastCLIP v0/v1/v3 (default v3: RGCL-g, cosine gamma)"),
-    "amorlip": ("baselines.amorlip:AmorLIP", "amortised normalisers: lambda-MLP regressed on EMA targets"),
-    "neuclip": ("neuclip.neuclip:NeuCLIP", "NeuCLIP: prototype normaliser-prediction network, unified objective"),
-}
+# Where estimator modules live: every module of these packages, plus these modules.
+ESTIMATOR_PACKAGES = ("baselines",)
+ESTIMATOR_MODULES = ("neuclip.neuclip",)
+SCORED_KINDS = ("state", "minibatch")  # estimate kinds the error study can score (docs/method.md §6.3)
+
+
+@functools.cache
+def _classes() -> dict[str, type[Estimator]]:
+    modules = list(ESTIMATOR_MODULES)
+    for package in ESTIMATOR_PACKAGES:
+        pkg = importlib.import_module(package)
+        modules += [f"{package}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+    found: dict[str, type[Estimator]] = {}
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, Estimator) and obj.__module__ == module_name
+                    and obj.__dict__.get("name")):
+                if obj.name in found and found[obj.name] is not obj:
+                    raise RuntimeError(f"two estimators are named {obj.name!r}: {found[obj.name]} and {obj}")
+                found[obj.name] = obj
+    return dict(sorted(found.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 
 def method_names() -> list[str]:
-    return list(METHODS)
+    """Registered names in table order."""
+    return list(_classes())
 
 
 def estimator_class(name: str) -> type[Estimator]:
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
-    module_name, cls_name = METHODS[name][0].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)
+    classes = _classes()
+    if name not in classes:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(classes)}")
+    return classes[name]
 
 
-def build_estimator(name: str, cfg: dict | None, ctx: EstimatorContext, common: dict | None = None) -> Estimator:
-    """Build `name` with options `cfg`; an unknown option is an error that lists the known ones.
+def scored_methods() -> list[str]:
+    """Methods whose normaliser estimate the error study scores."""
+    return [n for n, c in _classes().items() if c.estimate_kind in SCORED_KINDS]
 
-    `common` holds knobs shared across methods (rho, lr_tau, gamma_min, ...): each is applied only where the
-    method has it, so one experiment config can set them once for every method; `cfg` wins over `common`.
+
+def default_shadows() -> dict[str, dict]:
+    """The error-study sweep's default shadow estimators and their options."""
+    return {n: dict(c.shadow) for n, c in _classes().items() if c.shadow is not None}
+
+
+def labels() -> dict[str, str]:
+    """name -> default report label."""
+    return {n: c.label_for({}) for n, c in _classes().items()}
+
+
+def label_order() -> list[str]:
+    """Every label a run can carry, in table order."""
+    return [label for c in _classes().values() for label in c.labels()]
+
+
+def colours() -> dict[str, str]:
+    return {n: c.colour for n, c in _classes().items() if c.colour}
+
+
+def shared_option_keys() -> dict[str, list[str]]:
+    """Keys an experiment's `common_options` may set -> the methods that take each."""
+    out: dict[str, list[str]] = {}
+    for name, cls in _classes().items():
+        for key, opt in cls.options.items():
+            if opt.shared:
+                out.setdefault(key, []).append(name)
+    return dict(sorted(out.items()))
+
+
+def resolve_options(name: str, cfg: dict | None, common: dict | None = None) -> dict:
+    """The full options of method `name`: defaults <- the shared keys of `common` it takes <- `cfg`.
+
+    Raises OptionError naming the key for an unknown option, a common key no method takes (a typo would
+    otherwise vanish), or a value of the wrong type or range.
     """
     cls = estimator_class(name)
-    cfg = dict(cfg or {})
-    defaults = getattr(cls, "defaults", {})
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise KeyError(
-            f"method {name!r}: unknown option(s) {unknown}; known options: {', '.join(sorted(defaults))}"
+    cfg, common = dict(cfg or {}), dict(common or {})
+    shared = shared_option_keys()
+    typos = sorted(set(common) - set(shared))
+    if typos:
+        raise OptionError(
+            f"method.common_options: {typos} is not a shared option of any method; shared options: "
+            + "; ".join(f"{k} ({', '.join(v)})" for k, v in shared.items())
         )
-    shared = {k: v for k, v in (common or {}).items() if k in defaults}
-    return cls({**defaults, **shared, **cfg}, ctx)
+    check(name, cfg, cls.options)
+    taken = {k: v for k, v in common.items() if name in shared[k]}
+    check(name, taken, cls.options, where="method.common_options")
+    return {**cls.defaults, **taken, **cfg}
+
+
+def check_method(name: str, cfg: dict | None, common: dict | None, ctx: EstimatorContext,
+                 global_batch: int) -> tuple[dict, list[str]]:
+    """Everything `build_estimator` checks, without building it: (resolved options, warnings)."""
+    options = resolve_options(name, cfg, common)
+    return options, estimator_class(name).check_context(options, ctx, global_batch)
+
+
+def build_estimator(name: str, cfg: dict | None, ctx: EstimatorContext, common: dict | None = None,
+                    global_batch: int | None = None) -> Estimator:
+    """Build `name` with options `cfg` over the shared knobs `common` (see `resolve_options`)."""
+    options = resolve_options(name, cfg, common)
+    if global_batch is not None:
+        for message in estimator_class(name).check_context(options, ctx, global_batch):
+            warnings.warn(f"method {name!r}: {message}", stacklevel=2)
+    return estimator_class(name)(options, ctx)
+
+
+__all__ = ["OptionError", "build_estimator", "check_method", "estimator_class", "method_names", "resolve_options"]
