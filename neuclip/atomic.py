@@ -14,6 +14,17 @@ from pathlib import Path
 from typing import IO
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import
+    os.umask(mask)
+    return mask
+
+
+# What open() and mkdir() would give: mkstemp's and mkdtemp's own 0o600/0o700 would hide run folders from
+# the other users of a shared cluster.
+FILE_MODE, DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -34,6 +45,7 @@ def write_with(path: str | os.PathLike, write: Callable[[IO], None], *, binary: 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())

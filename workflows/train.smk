@@ -25,11 +25,10 @@ rule train_config:
     localrule: True
     run:
         import yaml
-        from pathlib import Path
 
-        tmp = Path(output[0] + ".tmp")
-        tmp.write_text(yaml.safe_dump(params.cfg, sort_keys=False))
-        tmp.replace(output[0])
+        from neuclip.atomic import write_atomic
+
+        write_atomic(output[0], yaml.safe_dump(params.cfg, sort_keys=False))
 
 
 rule train:

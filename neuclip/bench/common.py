@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from neuclip.atomic import write_atomic
+
 
 def timeit(fn, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of fn() in seconds."""
@@ -56,4 +58,4 @@ def write_section(path: str | Path, name: str, body: str) -> None:
     block = f"{start}\n{body.rstrip()}\n{end}"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_atomic(path, text)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from neuclip.atomic import write_atomic, write_json
 from neuclip.error_study.estimates import SCORED_KINDS, score
 from neuclip.error_study.exact import exact_log_normalizers
 
@@ -181,7 +182,7 @@ def score_run(run_dir, anchors: int = 2048, shards: int | None = None, batch: in
         "seconds": round(time.perf_counter() - t0, 3),
     }
     out = run_dir / "error"
-    out.mkdir(exist_ok=True)
-    (out / "error.json").write_text(json.dumps(row, indent=2) + "\n")
-    (out / "error.csv").write_text(",".join(row) + "\n" + ",".join(str(v) for v in row.values()) + "\n")
+    # atomically, error.json (what Snakemake tracks) last: once it exists, the csv beside it is complete
+    write_atomic(out / "error.csv", ",".join(row) + "\n" + ",".join(str(v) for v in row.values()) + "\n")
+    write_json(out / "error.json", row, indent=2)
     return row

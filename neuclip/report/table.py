@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from neuclip.atomic import write_atomic
+
 MISSING = "—"
 NOT_REPORTED = "n/r"
 NOT_PLANNED = "n/a"
@@ -168,12 +170,6 @@ def latex(table: Table) -> str:
         lines.append(r"\par\smallskip\footnotesize " + " ".join(latex_escape(n) for n in table.notes))
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_table(table: Table, folder: Path, runs: dict, extra: dict | None = None) -> list[Path]:

@@ -1,9 +1,9 @@
 """Atomic checkpoints of plain data (tensors, numbers, strings, lists, dicts) loaded with weights_only=True.
 
-`RUN/checkpoints/step_000001000.pt` holds the state *after* that many optimiser steps. Written to a temp
-file in the same folder, fsynced and renamed, so a killed job never leaves a half file under a real name;
-the oldest are deleted beyond `keep_last`. Loading tries the newest first and falls back to older ones if a
-file is unreadable (a disk that lost data despite fsync), saying so.
+`RUN/checkpoints/step_000001000.pt` holds the state *after* that many optimiser steps. Written through
+neuclip/atomic.py (a temp file in the same folder, fsynced and renamed), so a killed job never leaves a half
+file under a real name; the oldest are deleted beyond `keep_last`. Loading tries the newest first and falls
+back to older ones if a file is unreadable (a disk that lost data despite fsync), saying so.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from neuclip.atomic import write_with
 
 _NAME = re.compile(r"^step_(\d{9,})\.pt$")
 
@@ -32,30 +34,8 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save(folder: Path, step: int, state: dict, keep_last: int) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(folder, step)
-    tmp = folder / f".{final.name}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(folder)
+    final = write_with(checkpoint_path(folder, step), lambda f: torch.save(state, f), binary=True)
     for _, old in list_checkpoints(folder)[:-keep_last]:
         old.unlink(missing_ok=True)
     return final
@@ -66,7 +46,7 @@ def remove_stale_temps(folder: Path) -> None:
     folder = Path(folder)
     if folder.is_dir():
         for name in os.listdir(folder):
-            if name.startswith(".step_") and ".pt.tmp" in name:
+            if name.startswith(".step_") and ".pt." in name:  # .step_N.pt.XXXX.tmp (neuclip.atomic)
                 (folder / name).unlink(missing_ok=True)
 
 
