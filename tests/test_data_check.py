@@ -8,10 +8,9 @@ import shutil
 import tarfile
 
 import pytest
-import webdataset as wds
 
 from neuclip.cli import main
-from neuclip.data.check import check_shards, drop_bad, format_report
+from neuclip.data.check import check_shards, format_report
 
 
 @pytest.fixture
@@ -46,8 +45,10 @@ def test_clean_shards_pass(train, synth_data):
         assert report.ok and not report.problems, text
         assert [s.samples for s in report.shards] == [16, 16, 16]
         assert "total (3 shards)" in text and text.endswith("OK")
-    # the eval sets hold captions too, so the retrieval set checks clean
-    assert check_shards(str(synth_data / "eval" / "wds_synth_retrieval" / "test")).ok
+    # the eval sets hold captions too but no ids: checked without the id rules, the retrieval set is clean
+    eval_set = str(synth_data / "eval" / "wds_synth_retrieval" / "test")
+    assert check_shards(eval_set, need_ids=False).ok
+    assert "no .json" in check_shards(eval_set).problems[0].reason
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.9, "header", "marker"])
@@ -64,10 +65,11 @@ def test_truncated_tar(train, cut):
     shard.write_bytes(data[:keep])
     report, text = _check(train)
     assert not report.ok
-    fatal = [p for p in report.problems if p.fatal]
-    assert [p.shard for p in fatal] == [str(shard)]
+    assert [(p.shard, p.key) for p in report.problems] == [(str(shard), None)]
+    fatal = report.problems
     assert "truncated" in fatal[0].reason and "regenerate" in fatal[0].reason
-    assert not check_shards(str(train), skip_bad=True).ok  # a broken shard is never skippable
+    skipped = check_shards(str(train), skip_bad=True)  # skipped whole, as the trainer skips it
+    assert skipped.ok and [p.key for p in skipped.problems] == [None]
 
 
 def test_not_a_tar_and_missing_file(train):
@@ -111,18 +113,53 @@ def test_empty_and_missing_caption(train):
     assert found == {("000000020", "empty caption"), ("000000021", "no caption")}
 
 
-def test_duplicate_key_names_both_shards(train):
-    _rewrite(train / "00002.tar", lambda n, d: (n.replace("000000040", "000000005"), d))
+def _set_json_key(train, shard, key, value):
+    """Set the .json "key" of sample `key` in `shard` (None: remove the "key"; "!": make it not JSON)."""
+
+    def edit(name, data):
+        if name != f"{key}.json":
+            return name, data
+        if value == "!":
+            return name, b"{not json"
+        meta = json.loads(data)
+        if value is None:
+            del meta["key"]
+        else:
+            meta["key"] = value
+        return name, json.dumps(meta).encode()
+
+    _rewrite(train / shard, edit)
+
+
+def test_duplicate_id_names_both_shards(train):
+    _set_json_key(train, "00002.tar", "000000040", "000000005")  # id 5 again, under another member name
     report, _ = _check(train)
     (problem,) = report.problems
-    assert problem.shard == str(train / "00002.tar") and problem.key == "000000005"
-    assert problem.reason == f"duplicate key: also in {train / '00000.tar'}"
+    assert problem.shard == str(train / "00002.tar") and problem.key == "000000040"
+    assert problem.reason == f"duplicate id 5: also in {train / '00000.tar'} (key 000000005)"
 
 
-def test_non_integer_key(train):
-    _rewrite(train / "00000.tar", lambda n, d: (n.replace("000000007", "cat_7"), d))
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("cat_7", ".json 'key' 'cat_7' is not a non-negative integer"),
+        (7.5, ".json 'key' 7.5 is not a non-negative integer"),
+        (-7, ".json 'key' -7 is not a non-negative integer"),
+        (None, ".json is not an object with a 'key'"),
+        ("!", ".json does not parse"),
+    ],
+    ids=["string", "float", "negative", "no-key", "not-json"],
+)
+def test_unusable_id(train, value, expected):
+    _set_json_key(train, "00000.tar", "000000007", value)
     (problem,) = check_shards(str(train)).problems
-    assert problem.key == "cat_7" and "not an integer" in problem.reason
+    assert problem.key == "000000007" and problem.reason.startswith(expected), problem.reason
+
+
+def test_member_names_are_not_ids(train):
+    """The id is the .json key: a member name that is not digits is fine (webdataset keys are any string)."""
+    _rewrite(train / "00000.tar", lambda n, d: (n.replace("000000007", "cat_7"), d))
+    assert check_shards(str(train)).ok
 
 
 def test_count_mismatch_with_sizes_and_stats(train):
@@ -151,18 +188,6 @@ def test_skip_bad_lists_and_passes(train, capsys):
     assert main(["data", "check", str(train)]) == 1
     assert main(["data", "check", str(train), "--skip-bad"]) == 0
     assert "sample 000000017: image .jpg does not decode" in capsys.readouterr().out
-
-
-def test_drop_bad_filters_a_webdataset_stream(train):
-    _rewrite(train / "00000.tar", lambda n, d: (n, b"junk" if n == "000000002.jpg" else d))
-    dropped = []
-    url = str(train / "{00000..00002}.tar")
-    pipeline = wds.WebDataset(url, shardshuffle=False).compose(
-        lambda src: drop_bad(src, on_bad=lambda s, why: dropped.append((s["__key__"], why)))
-    )
-    kept = [s["__key__"] for s in pipeline]
-    assert len(kept) == 47 and "000000002" not in kept
-    assert dropped[0][0] == "000000002" and "does not decode" in dropped[0][1][0]
 
 
 def test_cli_synth_then_check(tmp_path, capsys):

@@ -33,10 +33,12 @@ def register(sub) -> None:
         "check",
         help="read every sample of image-text tar shards and report problems",
         description=(
-            "Opens every shard, decodes every image, checks captions are non-empty, keys are integers and "
-            "unique across shards, and counts match sizes.json / img2dataset *_stats.json when present. "
-            "Exits non-zero on any problem. With --skip-bad, bad samples are listed as skipped and the exit "
-            "status is 0; whole-shard errors (unreadable or truncated tar, count mismatch) still fail."
+            "Indexes every shard (the index the trainer reads, cached beside the shards), decodes every image, "
+            "and applies the trainer's own definition of a bad sample (neuclip/data/check.py): no image, no "
+            "or blank caption, no .json or no non-negative integer 'key' in it, an id seen before in any shard, "
+            "an image that does not decode. Counts must match sizes.json / img2dataset *_stats.json. Exits "
+            "non-zero on any problem. With --skip-bad (the trainer's data.skip_bad), bad samples and unreadable "
+            "shards are listed as skipped and the exit status is 0; missing shards and count mismatches still fail."
         ),
     )
     check.add_argument(
@@ -45,6 +47,11 @@ def register(sub) -> None:
         help="shards: brace pattern ('data/train/{00000..00003}.tar'), glob, folder, or several joined by ::",
     )
     check.add_argument("--skip-bad", action="store_true", help="list bad samples as skipped and exit 0")
+    check.add_argument(
+        "--no-ids",
+        action="store_true",
+        help="shards without sample ids (clip_benchmark eval sets): skip the .json checks",
+    )
     check.set_defaults(func=run_check)
 
 
@@ -73,6 +80,6 @@ def run_synth(args) -> int:
 def run_check(args) -> int:
     from neuclip.data.check import check_shards, format_report
 
-    report = check_shards(args.pattern, skip_bad=args.skip_bad)
+    report = check_shards(args.pattern, skip_bad=args.skip_bad, need_ids=not args.no_ids)
     print(format_report(report))
     return 0 if report.ok else 1

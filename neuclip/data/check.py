@@ -1,98 +1,118 @@
-"""Validate image-text tar shards before a long run trips over them.
+"""What makes a sample or a shard bad: the one definition, used by `neuclip data check` and by the trainer.
 
-Two kinds of problem:
-- sample problems (image does not decode, caption missing or empty, key not an integer, key seen before):
-  `--skip-bad` lists them and exits 0, and a training loader configured to skip drops exactly these, via
-  `sample_problems` / `drop_bad`;
-- shard problems (file missing, not a tar, truncated, sample count disagreeing with sizes.json or the
-  img2dataset `_stats.json`): always fatal, even with `--skip-bad`, because the epoch length and the sample
-  ids the run would record are then wrong. Regenerate or re-download the shard, or remove it from the
-  pattern and from sizes.json.
+A sample is bad when (`record_problems`, from the shard index, and `open_image`, when it is decoded):
+- it has no image (.jpg/.jpeg/.png/.webp), no caption (.txt), a caption that is not UTF-8 or holds only
+  whitespace, or a member twice;
+- its id is unusable: no .json, a .json that does not parse or has no "key", a "key" that is not a
+  non-negative integer (img2dataset writes zero-padded digit strings), or an id already held by an earlier
+  sample (in shard-list order, then tar order: the first one is kept);
+- its image does not decode (PIL; this is only found when the image is decoded).
+A shard is bad when it cannot be read to the end (not a tar, truncated, corrupt header).
+A shard is *fatal* when it is missing, or when its sample count disagrees with sizes.json beside it or with its
+img2dataset `_stats.json`: the counts the workflow was planned with are then wrong.
+
+Verdicts, the same in the checker and the trainer: a bad sample or shard is an error naming the shard and the
+key; with skip_bad (`--skip-bad`, `data.skip_bad`) it is skipped and counted. Fatal problems always stop.
+The trainer's epoch is the set of usable samples this finds (`survey`), never a count from sizes.json.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
 
-from neuclip.data.shards import ShardError, expand_pattern, iter_samples
+from neuclip.data.shards import IMAGE_EXTS, ShardError, ShardIndex, expand_pattern, image_ext, shard_index
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SAMPLE_FIX = (
-    "re-download or drop those samples, or rerun with --skip-bad to list what would be skipped "
-    "(a training loader set to skip bad samples drops the same ones, via drop_bad)"
-)
+SAMPLE_FIX = "re-download or drop those samples, or set skip_bad (--skip-bad, data.skip_bad=true) to skip them"
 SHARD_FIX = "regenerate or re-download this shard, or remove it from the pattern and from sizes.json"
 
 
-def _image_problem(data: bytes) -> str | None:
+class DataError(RuntimeError):
+    """A bad shard or sample met by the trainer; the message names the shard and key."""
+
+
+class BadImage(ValueError):
+    pass
+
+
+# -- samples --------------------------------------------------------------------------------------------
+
+
+def parse_id(value) -> int | None:
+    """The sample id of a .json "key": a non-negative int, or a string of digits (img2dataset's form)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def record_problems(
+    key: str, exts: Iterable[str], txt: bytes | None, meta: bytes | None, repeated: Iterable[str] = ()
+) -> tuple[int | None, list[tuple[str, str]]]:
+    """(id or None, [(kind, reason)]) of one sample from its member names, caption and .json bytes.
+
+    kind "id" marks problems with the sample id (those do not apply to sets read without ids).
+    """
+    exts = list(exts)
+    has = ", ".join("." + e for e in exts) or "nothing"
+    problems = []
+    if image_ext(exts) is None:
+        problems.append(("sample", f"no image (expected one of .{', .'.join(IMAGE_EXTS)}; has {has})"))
+    if txt is None:
+        problems.append(("sample", f"no caption (.txt missing; has {has})"))
+    else:
+        try:
+            if not txt.decode("utf-8").strip():
+                problems.append(("sample", "empty caption (.txt holds only whitespace)"))
+        except UnicodeDecodeError:
+            problems.append(("sample", "caption (.txt) is not UTF-8"))
+    problems += [("sample", f"member {name} appears twice in one sample") for name in repeated]
+    sample_id = None
+    if meta is None:
+        problems.append(("id", f"no .json (the sample id is its 'key'; has {has})"))
+    else:
+        try:
+            obj = json.loads(meta)
+        except ValueError as err:
+            obj, reason = None, f".json does not parse ({err})"
+        else:
+            reason = ".json is not an object with a 'key' (the sample id)"
+        if isinstance(obj, dict) and "key" in obj:
+            sample_id = parse_id(obj["key"])
+            reason = f".json 'key' {obj['key']!r} is not a non-negative integer (img2dataset keys are digits)"
+        if sample_id is None:
+            problems.append(("id", reason))
+    return sample_id, problems
+
+
+def open_image(data: bytes, ext: str):
+    """The decoded RGB PIL image, or BadImage with the reason: the one decodability rule."""
+    from PIL import Image
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 im.verify()  # structure and checksums
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()  # pixel data: catches truncation that verify() lets through
+            im = Image.open(io.BytesIO(data))
+            im.load()  # pixel data: catches truncation that verify() lets through
+            return im.convert("RGB")
     except Exception as err:  # PIL raises many types for bad bytes
-        return f"{type(err).__name__}: {err}"
-    return None
+        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))  # no addresses in reports
+        raise BadImage(f"image .{ext} does not decode ({type(err).__name__}: {message})") from None
 
 
-def sample_problems(sample: dict) -> list[str]:
-    """Why a raw webdataset sample (`__key__` plus ext -> bytes) is unusable for image-text training."""
-    problems = []
-    key = sample["__key__"]
-    if not key.isdigit():
-        problems.append(f"key {key!r} is not an integer (img2dataset keys are zero-padded integers)")
-    images = [ext for ext in IMAGE_EXTS if ext in sample]
-    if not images:
-        problems.append(f"no image (expected one of .{', .'.join(IMAGE_EXTS)}; has {_exts(sample)})")
-    for ext in images:
-        reason = _image_problem(sample[ext])
-        if reason:
-            problems.append(f"image .{ext} does not decode ({reason})")
-    if "txt" not in sample:
-        problems.append(f"no caption (.txt missing; has {_exts(sample)})")
-    else:
-        try:
-            if not sample["txt"].decode("utf-8").strip():
-                problems.append("empty caption (.txt)")
-        except UnicodeDecodeError:
-            problems.append("caption (.txt) is not UTF-8")
-    if "json" in sample:
-        try:
-            json.loads(sample["json"])
-        except ValueError:
-            problems.append(".json does not parse")
-    return problems
-
-
-def _exts(sample: dict) -> str:
-    return ", ".join("." + k for k in sample if not k.startswith("__")) or "nothing"
-
-
-def drop_bad(samples: Iterable[dict], on_bad: Callable[[dict, list[str]], None] | None = None) -> Iterator[dict]:
-    """Filter for a webdataset pipeline (`.compose(drop_bad)`): pass good samples, report and drop the rest.
-
-    Duplicate keys are caught within the stream this sees (one worker's shards).
-    """
-    seen: set[str] = set()
-    for sample in samples:
-        problems = sample_problems(sample)
-        if sample["__key__"] in seen:
-            problems.append(f"duplicate key {sample['__key__']}")
-        seen.add(sample["__key__"])
-        if problems:
-            if on_bad is not None:
-                on_bad(sample, problems)
-            continue
-        yield sample
+# -- shards and the data set ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -100,14 +120,155 @@ class Problem:
     shard: str
     key: str | None  # None for a problem with the whole shard
     reason: str
+    kind: str = "sample"  # "sample" | "shard" (both skippable) | "fatal"
 
     @property
     def fatal(self) -> bool:
-        return self.key is None
+        return self.kind == "fatal"
 
     def __str__(self) -> str:
         where = f"{self.shard}" if self.key is None else f"{self.shard}: sample {self.key}"
         return f"{where}: {self.reason}"
+
+    def named(self) -> str:
+        """The trainer's wording: shard {path} key {key}: reason."""
+        where = f"shard {self.shard}" + ("" if self.key is None else f" key {self.key}")
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class Survey:
+    """The usable samples of a shard list and every problem found without decoding images."""
+
+    shards: list[str]
+    samples: list[int | None]  # samples in each shard's tar (None: unreadable)
+    usable: list[np.ndarray | None]  # positions of usable samples per shard; None = all (or unreadable)
+    counts: np.ndarray  # usable samples per shard
+    problems: list[Problem] = field(default_factory=list)
+    max_id: int = -1
+
+    def positions(self, shard: int) -> np.ndarray:
+        u = self.usable[shard]
+        return np.arange(self.samples[shard] or 0) if u is None else u
+
+
+def _expected_counts(path: Path, sizes_cache: dict) -> list[tuple[str, int | None]]:
+    """(source, count) pairs the shard should match: sizes.json beside it, and its img2dataset stats."""
+    folder = path.parent
+    if folder not in sizes_cache:
+        sizes_file = folder / "sizes.json"
+        sizes_cache[folder] = json.loads(sizes_file.read_text()) if sizes_file.exists() else None
+    expected = []
+    if sizes_cache[folder] is not None:
+        sizes = sizes_cache[folder]
+        expected.append((str(folder / "sizes.json"), sizes.get(path.name, sizes.get(path.stem))))
+    stats = path.with_name(path.name.split(".")[0] + "_stats.json")
+    if stats.exists():
+        successes = json.loads(stats.read_text()).get("successes")
+        if successes is not None:  # img2dataset counts written samples as successes
+            expected.append((str(stats), successes))
+    return expected
+
+
+def count_problems(path: Path, samples: int, sizes_cache: dict) -> list[str]:
+    """Disagreements of the shard's real sample count with sizes.json / _stats.json (always fatal)."""
+    try:
+        expected = _expected_counts(path, sizes_cache)
+    except (OSError, ValueError) as err:
+        return [f"cannot read sizes.json or _stats.json beside it ({err}): regenerate them"]
+    out = []
+    for source, count in expected:
+        if count is None:
+            out.append(f"not listed in {source}: add it, or regenerate {Path(source).name}")
+        elif int(count) != samples:
+            out.append(f"{source} says {count} samples but the shard has {samples}: {SHARD_FIX}")
+    return out
+
+
+class _Seen:
+    """A growing bitmap of ids: the duplicate check costs one bit per id (175 MB for 1.4e9 ids)."""
+
+    def __init__(self):
+        self.bits = np.zeros(1 << 16, dtype=np.uint8)
+
+    def test_and_set(self, ids: np.ndarray) -> np.ndarray:
+        need = int(ids.max()) // 8 + 1 if len(ids) else 0
+        if need > len(self.bits):
+            self.bits = np.concatenate([self.bits, np.zeros(max(need, 2 * len(self.bits)) - len(self.bits), np.uint8)])
+        byte, bit = ids >> 3, (1 << (ids & 7)).astype(np.uint8)
+        before = (self.bits[byte] & bit) != 0
+        _, first = np.unique(ids, return_index=True)
+        repeat = np.ones(len(ids), dtype=bool)
+        repeat[first] = False  # a second occurrence inside this shard
+        np.bitwise_or.at(self.bits, byte, bit)
+        return before | repeat
+
+
+def survey(paths: Iterable[str | Path], need_ids: bool = True, on_index=None) -> Survey:
+    """Index every shard (cached), apply the bad-sample definition and the duplicate-id and count checks.
+
+    `on_index(shard_number, ShardIndex)` sees each readable shard's index (the checker decodes from it).
+    """
+    shards = [str(p) for p in paths]
+    sv = Survey(shards, [], [], np.zeros(len(shards), dtype=np.int64))
+    seen, sizes_cache, duplicates = _Seen(), {}, []
+    for s, shard in enumerate(shards):
+        path = Path(shard)
+        try:
+            index = shard_index(path)
+        except ShardError as err:
+            kind = "fatal" if not path.exists() else "shard"
+            sv.samples.append(None)
+            sv.usable.append(None)
+            sv.problems.append(Problem(shard, None, f"{err}: {SHARD_FIX}", kind))
+            continue
+        sv.samples.append(len(index))
+        sv.problems += [Problem(shard, None, r, "fatal") for r in count_problems(path, len(index), sizes_cache)]
+        bad = np.zeros(len(index), dtype=bool)
+        for i, found in sorted(index.problems.items()):
+            reasons = [r for kind, r in found if need_ids or kind != "id"]
+            sv.problems += [Problem(shard, index.key(i), r) for r in reasons]
+            bad[i] = bool(reasons)
+        if need_ids:
+            valid = np.flatnonzero(index.ids >= 0)
+            if len(valid):
+                dup = valid[seen.test_and_set(index.ids[valid])]
+                duplicates += [(s, int(i)) for i in dup]
+                bad[dup] = True
+                sv.max_id = max(sv.max_id, int(index.ids[valid].max()))
+        sv.usable.append(np.flatnonzero(~bad) if bad.any() else None)
+        sv.counts[s] = len(index) - int(bad.sum())
+        if on_index is not None:
+            on_index(s, index)
+    if duplicates:
+        sv.problems += _duplicate_problems(sv, duplicates)
+    return sv
+
+
+def _duplicate_problems(sv: Survey, duplicates: list[tuple[int, int]]) -> list[Problem]:
+    """Name, for each repeated id, where it was first seen (a second pass, only when there are repeats)."""
+    wanted: dict[int, None | tuple[str, str]] = {}
+    dup_at = {}
+    for s, i in duplicates:
+        index = shard_index(sv.shards[s])
+        dup_at[(s, i)] = (index.key(i), int(index.ids[i]))
+        wanted.setdefault(int(index.ids[i]), None)
+    duplicate_set = set(duplicates)
+    for s, shard in enumerate(sv.shards):
+        if sv.samples[s] is None or all(v is not None for v in wanted.values()):
+            continue
+        index = shard_index(shard)
+        for i in np.flatnonzero(np.isin(index.ids, list(wanted))):
+            if wanted[int(index.ids[i])] is None and (s, int(i)) not in duplicate_set:
+                wanted[int(index.ids[i])] = (shard, index.key(int(i)))
+    out = []
+    for (s, _), (key, sample_id) in dup_at.items():
+        first_shard, first_key = wanted[sample_id]
+        out.append(Problem(sv.shards[s], key, f"duplicate id {sample_id}: also in {first_shard} (key {first_key})"))
+    return out
+
+
+# -- the checker ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -142,83 +303,59 @@ class Report:
         return "\n".join(lines)
 
 
-def _expected_counts(path: Path, sizes_cache: dict) -> list[tuple[str, int | None]]:
-    """(source, count) pairs the shard should match: sizes.json beside it, and its img2dataset stats."""
-    folder = path.parent
-    if folder not in sizes_cache:
-        sizes_file = folder / "sizes.json"
-        sizes_cache[folder] = json.loads(sizes_file.read_text()) if sizes_file.exists() else None
-    expected = []
-    if sizes_cache[folder] is not None:
-        expected.append((str(folder / "sizes.json"), sizes_cache[folder].get(path.name)))
-    stats = path.with_name(path.name.split(".")[0] + "_stats.json")
-    if stats.exists():
-        successes = json.loads(stats.read_text()).get("successes")
-        if successes is not None:  # img2dataset counts written samples as successes
-            expected.append((str(stats), successes))
-    return expected
+def _decode_all(index: ShardIndex, shard: str) -> list[Problem]:
+    out = []
+    with open(shard, "rb") as f:
+        for i in np.flatnonzero(index.image_ext >= 0):
+            offset, size = index.image[i]
+            f.seek(int(offset))
+            try:
+                open_image(f.read(int(size)), IMAGE_EXTS[index.image_ext[i]])
+            except BadImage as err:
+                out.append(Problem(shard, index.key(int(i)), str(err)))
+    return out
 
 
-def check_shards(pattern: str, skip_bad: bool = False) -> Report:
-    """Read every shard matching `pattern` to the end; see the module docstring for what is checked."""
+def check_shards(pattern: str, skip_bad: bool = False, need_ids: bool = True) -> Report:
+    """Every problem of the shards matching `pattern` (see the module docstring); images are all decoded.
+    `need_ids=False` for sets without sample ids (clip_benchmark eval sets): no .json/key/duplicate checks."""
     report = Report(skip_bad)
     paths = expand_pattern(pattern)
     if not paths:
-        report.problems.append(Problem(str(pattern), None, "matches no shards: check the path or pattern"))
+        report.problems.append(Problem(str(pattern), None, "matches no shards: check the path or pattern", "fatal"))
         return report
-    first_seen: dict[str, str] = {}  # key -> shard it first appeared in
-    sizes_cache: dict = {}
-    for path in paths:
-        summary = ShardSummary(str(path))
-        report.shards.append(summary)
-
-        def add(key, reason, summary=summary):
-            report.problems.append(Problem(summary.path, key, reason))
-
-        summary.bytes = path.stat().st_size if path.is_file() else 0
-        try:
-            for sample in iter_samples(path):
-                summary.samples += 1
-                key = sample["__key__"]
-                reasons = sample_problems(sample)
-                if key in first_seen:
-                    reasons.append(f"duplicate key: also in {first_seen[key]}")
-                first_seen.setdefault(key, summary.path)
-                summary.bad += bool(reasons)
-                for reason in reasons:
-                    add(key, reason)
-        except (ShardError, OSError) as err:
-            summary.error = str(err)
-            add(None, f"{err}: {SHARD_FIX}")
-            continue
-        try:
-            expected = _expected_counts(path, sizes_cache)
-        except (OSError, ValueError) as err:
-            summary.error = "unreadable sizes/stats"
-            add(None, f"cannot read sizes.json or stats beside it ({err}): regenerate them")
-            continue
-        for source, count in expected:
-            if count is None:
-                summary.error = f"not in {Path(source).name}"
-                add(None, f"not listed in {source}: add it, or regenerate {Path(source).name}")
-            elif int(count) != summary.samples:
-                summary.error = "count mismatch"
-                add(None, f"{source} says {count} samples but the shard has {summary.samples}: {SHARD_FIX}")
+    decoded: list[Problem] = []
+    sv = survey(paths, need_ids, on_index=lambda s, index: decoded.extend(_decode_all(index, str(paths[s]))))
+    report.problems = sorted(
+        sv.problems + decoded, key=lambda p: (sv.shards.index(p.shard), p.key is not None, p.key or "")
+    )
+    for s, shard in enumerate(sv.shards):
+        mine = [p for p in report.problems if p.shard == shard]
+        whole = [p for p in mine if p.key is None]
+        report.shards.append(
+            ShardSummary(
+                shard,
+                samples=sv.samples[s] or 0,
+                bad=len({p.key for p in mine if p.key is not None}),
+                bytes=Path(shard).stat().st_size if Path(shard).is_file() else 0,
+                error=whole[0].reason.split(": ")[0] if whole else None,
+            )
+        )
     return report
 
 
 def format_report(report: Report) -> str:
     lines = [report.table()]
     samples = [p for p in report.problems if not p.fatal]
-    shards = [p for p in report.problems if p.fatal]
+    fatal = [p for p in report.problems if p.fatal]
     if samples:
-        verb = "skipping" if report.skip_bad else "bad sample"
+        verb = "skipping" if report.skip_bad else "bad"
         lines += [""] + [f"{verb}: {p}" for p in samples]
         if not report.skip_bad:
-            lines.append(f"{len(samples)} problem(s) in samples: {SAMPLE_FIX}")
-    if shards:
-        lines += [""] + [f"ERROR: {p}" for p in shards]
+            lines.append(f"{len(samples)} bad sample(s)/shard(s): {SAMPLE_FIX}")
+    if fatal:
+        lines += [""] + [f"ERROR: {p}" for p in fatal]
         if report.skip_bad:
-            lines.append("whole-shard errors are not skippable: fix or remove those shards")
+            lines.append("missing shards and count mismatches are never skipped: fix or remove those shards")
     lines.append("OK" if report.ok else "FAILED")
     return "\n".join(lines)

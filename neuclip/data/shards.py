@@ -1,27 +1,55 @@
-"""Tar shard I/O shared by the generator, the checker and the training loader.
+"""The one tar-shard reader: header scan, raw samples, and the cached per-shard index.
 
 Shards follow webdataset's convention: a sample is a run of consecutive members sharing a key (the member
-name up to its first dot), e.g. `000000123.jpg`, `000000123.txt`, `000000123.json`.
+name up to its first dot), e.g. `000000123.jpg`, `000000123.txt`, `000000123.json`; a member without an
+extension is ignored, as webdataset ignores it. Everything that reads shards goes through here: the training
+loader and the checker (via `shard_index`), the error pass (`iter_samples`), the generator (`write_tar`), and
+the eval code (`IMAGE_EXTS`). What makes a sample *bad* is decided in neuclip/data/check.py, from the facts
+the index records here.
+
+The index of a shard holds, per sample, its key, id (the .json "key"), the offsets of its image and caption
+members and the problems found without decoding the image. Building it reads the tar headers and the small
+.txt/.json members once; it is cached as `.neuclip-index/<shard>.npz` beside the shards or, where that folder
+is read-only, under $NEUCLIP_INDEX_CACHE (default ~/.cache/neuclip/index), and rebuilt when the shard's size
+or mtime changes. img2dataset's sidecars (`NNNNN_stats.json`, `NNNNN.parquet`) are not shards and not read.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
+import json
 import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
+import numpy as np
 
 BLOCK = 512
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the one list: training, checker, eval sets, error pass
+INDEX_VERSION = 1
+INDEX_DIR = ".neuclip-index"
+_SPLIT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
+
+
+class ShardError(Exception):
+    """A shard that cannot be read to the end (missing, not a tar, truncated, corrupt header)."""
 
 
 def key_width(num_samples: int) -> int:
     """Digits in a sample key: 9 like img2dataset, more only when the ids need them."""
     return max(9, len(str(max(num_samples - 1, 0))))
+
+
+def image_ext(exts: Iterable[str]) -> str | None:
+    """The image member a sample is read from: the first of IMAGE_EXTS it has (None: it has none)."""
+    present = set(exts)
+    return next((e for e in IMAGE_EXTS if e in present), None)
 
 
 def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
@@ -61,55 +89,215 @@ def expand_pattern(pattern: str | os.PathLike) -> list[Path]:
     return paths
 
 
-class ShardError(Exception):
-    """A shard that cannot be read to the end (missing, not a tar, truncated)."""
+def scan_members(path: str | os.PathLike) -> Iterator[tuple[str, str, int, int]]:
+    """(key, ext, data offset, size) of each regular member, from the headers only.
+
+    Raises ShardError when the file is missing, not a tar, or cut/corrupt anywhere: tarfile alone stops
+    silently at a corrupt or half-written header, so after the last member we also require the
+    end-of-archive marker (two zero blocks) that every tar writer emits.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise ShardError("file not found") from None
+    except OSError as err:
+        raise ShardError(f"cannot open ({err})") from None
+    with f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")
+        except (tarfile.TarError, OSError) as err:
+            raise ShardError(f"not a readable tar ({err})") from None
+        end = 0
+        try:
+            while (info := tf.next()) is not None:
+                tf.members.clear()  # tarfile keeps every header otherwise; we only stream
+                end = info.offset_data + -(-info.size // BLOCK) * BLOCK
+                if not info.isfile():
+                    continue
+                if info.offset_data + info.size > size:
+                    raise ShardError(f"truncated inside member {info.name!r}")
+                match = _SPLIT.match(info.name)
+                if match is not None:
+                    yield match.group(1), match.group(2), info.offset_data, info.size
+        except (tarfile.TarError, EOFError) as err:
+            raise ShardError(f"corrupt tar after byte {end} ({err})") from None
+        f.seek(end)
+        marker = f.read(2 * BLOCK)
+    if len(marker) < 2 * BLOCK or marker.strip(b"\0"):
+        raise ShardError(f"truncated or corrupt after byte {end} (no end-of-archive marker)")
 
 
-_SPLIT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
+def _grouped(path) -> Iterator[tuple[str, dict[str, tuple[int, int]], list[str]]]:
+    """(key, {ext: (offset, size)}, repeated member names) per sample: consecutive members sharing a key."""
+    key, members, repeated = None, {}, []
+    for k, ext, offset, size in scan_members(path):
+        if k != key:
+            if key is not None:
+                yield key, members, repeated
+            key, members, repeated = k, {}, []
+        if ext in members:
+            repeated.append(f"{k}.{ext}")
+            continue
+        members[ext] = (offset, size)
+    if key is not None:
+        yield key, members, repeated
 
 
 def iter_samples(path: Path) -> Iterator[dict]:
-    """Yield webdataset-style raw samples (`__key__`, `__url__`, ext -> bytes) from one shard.
+    """webdataset-style raw samples (`__key__`, `__url__`, ext -> bytes) of one shard; raises ShardError."""
+    with open(path, "rb") as f:
+        for key, members, _ in _grouped(path):
+            sample = {"__key__": key, "__url__": str(path)}
+            for ext, (offset, size) in members.items():
+                f.seek(offset)
+                sample[ext] = f.read(size)
+            yield sample
 
-    Raises ShardError when the file is missing, not a tar, or truncated. tarfile alone stops silently at a
-    header cut in half, so after the last member we also require the end-of-archive marker (two zero
-    blocks) that every tar writer emits.
+
+# -- the per-shard index --------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardIndex:
+    """Per sample of one shard (tar order): key, id (-1: none), image/caption member offsets, problems.
+
+    `problems` maps a sample's position to [(kind, reason)], kind "id" for problems with the sample id
+    (missing/unparsable .json, missing or non-integer "key"), "sample" for the rest (see check.py).
     """
+
+    path: str
+    keys: np.ndarray  # bytes (S)
+    ids: np.ndarray  # int64
+    image: np.ndarray  # int64 (n, 2): offset, size; -1 when no image member
+    image_ext: np.ndarray  # int8: position in IMAGE_EXTS, -1 when none
+    text: np.ndarray  # int64 (n, 2): offset, size of .txt; -1 when none
+    problems: dict[int, list[tuple[str, str]]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def key(self, i: int) -> str:
+        return self.keys[i].decode()
+
+
+def _stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def build_index(path: str | os.PathLike) -> ShardIndex:
+    """Scan one shard (headers plus its .txt/.json members) into a ShardIndex; raises ShardError."""
+    from neuclip.data.check import record_problems
+
+    path = Path(path)
+    keys, ids, image, image_ext_i, text, problems = [], [], [], [], [], {}
+    with open(path, "rb") as f:
+
+        def read(member):
+            if member is None:
+                return None
+            f.seek(member[0])
+            return f.read(member[1])
+
+        for i, (key, members, repeated) in enumerate(_grouped(path)):
+            sample_id, found = record_problems(
+                key, members.keys(), read(members.get("txt")), read(members.get("json")), repeated
+            )
+            ext = image_ext(members)
+            keys.append(key.encode())
+            ids.append(-1 if sample_id is None else sample_id)
+            image.append(members[ext] if ext else (-1, -1))
+            image_ext_i.append(IMAGE_EXTS.index(ext) if ext else -1)
+            text.append(members.get("txt", (-1, -1)))
+            if found:
+                problems[i] = found
+    return ShardIndex(
+        str(path),
+        np.array(keys, dtype=bytes) if keys else np.zeros(0, dtype="S1"),
+        np.array(ids, dtype=np.int64),
+        np.array(image, dtype=np.int64).reshape(-1, 2),
+        np.array(image_ext_i, dtype=np.int8),
+        np.array(text, dtype=np.int64).reshape(-1, 2),
+        problems,
+    )
+
+
+def index_paths(path: Path) -> list[Path]:
+    """Where the index of `path` may live: beside the shards, then in the user cache."""
+    path = Path(path).absolute()
+    cache = Path(os.environ.get("NEUCLIP_INDEX_CACHE") or Path.home() / ".cache" / "neuclip" / "index")
+    folder_tag = hashlib.blake2b(str(path.parent).encode(), digest_size=8).hexdigest()
+    return [path.parent / INDEX_DIR / f"{path.name}.npz", cache / folder_tag / f"{path.name}.npz"]
+
+
+def _load(file: Path, path: Path, stamp: dict) -> ShardIndex | None:
     try:
-        size = path.stat().st_size
-        tf = tarfile.open(path, "r:")
+        with np.load(file, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta["stamp"] != stamp:
+                return None
+            arrays = {k: z[k] for k in ("keys", "ids", "image", "image_ext", "text")}
+    except (OSError, ValueError, KeyError):
+        return None  # missing, partial or foreign: rebuild
+    problems = {int(i): [tuple(p) for p in found] for i, found in meta["problems"].items()}
+    return ShardIndex(str(path), problems=problems, **arrays)
+
+
+def _save(index: ShardIndex, stamp: dict, targets: list[Path]) -> None:
+    from neuclip.atomic import write_with
+
+    meta = {"stamp": stamp, "problems": {str(i): p for i, p in index.problems.items()}}
+    arrays = {k: getattr(index, k) for k in ("keys", "ids", "image", "image_ext", "text")}
+    for target in targets:  # the first folder we may write to
+        try:
+            write_with(target, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays), binary=True)
+            return
+        except OSError:
+            continue
+
+
+def shard_index(path: str | os.PathLike, cache: bool = True) -> ShardIndex:
+    """The index of one shard: loaded from the cache when it matches the shard's size and mtime, else built
+    (and cached). Raises ShardError for a shard that cannot be read to the end (never cached)."""
+    path = Path(path)
+    try:
+        stamp = _stamp(path)
     except FileNotFoundError:
         raise ShardError("file not found") from None
-    except (tarfile.TarError, OSError) as err:
-        raise ShardError(f"not a readable tar ({err})") from None
-    with tf:
-        sample: dict | None = None
-        end = 0
-        try:
-            for member in tf:
-                end = member.offset_data + -(-member.size // BLOCK) * BLOCK
-                if not member.isfile():
-                    continue
-                match = _SPLIT.match(member.name)
-                if match is None:
-                    raise ShardError(f"member {member.name!r} has no extension (expected KEY.EXT)")
-                key, ext = match.groups()
-                if end > size:
-                    raise ShardError(f"truncated inside member {member.name!r}")
-                if sample is not None and sample["__key__"] != key:
-                    yield sample
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": key, "__url__": str(path)}
-                if ext in sample:
-                    raise ShardError(f"member {member.name!r} appears twice in one sample")
-                sample[ext] = tf.extractfile(member).read()
-        except tarfile.TarError as err:
-            raise ShardError(f"corrupt tar ({err})") from None
-        with open(path, "rb") as f:
-            f.seek(end)
-            marker = f.read(2 * BLOCK)
-        if len(marker) < 2 * BLOCK or marker.strip(b"\0"):
-            raise ShardError(f"truncated or corrupt after byte {end} (no end-of-archive marker)")
-        if sample is not None:
-            yield sample
+    targets = index_paths(path)
+    if cache:
+        for file in targets:
+            found = _load(file, path, stamp)
+            if found is not None:
+                return found
+    index = build_index(path)
+    if cache:
+        _save(index, stamp, targets)
+    return index
+
+
+class MemberReader:
+    """Reads members of shards by offset, keeping a few files open (each worker process has its own)."""
+
+    def __init__(self, max_open: int = 16):
+        self.max_open, self.files = max_open, {}
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        f = self.files.pop(path, None)
+        if f is None:
+            f = open(path, "rb")  # noqa: SIM115 - cached, closed on eviction
+            if len(self.files) >= self.max_open:
+                self.files.pop(next(iter(self.files))).close()
+        self.files[path] = f  # most recently used last
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise ShardError(f"{path}: member at byte {offset} truncated ({len(data)} of {size} bytes)")
+        return data
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()

@@ -1,55 +1,52 @@
-"""Deterministic, resumable training data from img2dataset webdataset shards.
+"""Training batches whose content is a function of (seed, shard list, global batch size, step) alone.
 
-Why not webdataset's pipeline (or open_clip's): their shuffle is unseeded, and resuming mid-epoch means
-decoding everything consumed so far. Here the sample order is a pure function of (seed, shards, number of
-reader slots), and a position is a few integers, so a restart replays only tar headers up to it.
+The order (MosaicML Streaming's "elastic determinism", without its downloader):
+- The samples are the usable ones of the shards' cached index (neuclip/data/check.py `survey`: the one
+  definition of a bad sample); N of them. An epoch is N // B global batches of size B; epoch e visits a
+  bijection of the N samples, so each sample at most once per epoch and exactly once when B divides N (the
+  N mod B left over, like drop_last, are different ones each epoch).
+- The bijection is computed blockwise, so memory does not grow with N: the shard list is shuffled, its
+  usable samples concatenated in that order, cut into blocks of `block` samples (data.shuffle_buffer), and
+  each block shuffled. A position maps to a sample in O(log shards) with one block's permutation (8 bytes a
+  sample) in memory. The trade-off: a batch mixes samples from the ~block / shard-size shards of one or two
+  blocks, not from the whole data set (Streaming's shuffle_block_size makes the same one); a bigger block
+  mixes more and reads from more files at once. Permutations are argsorts of splitmix64 hashes of the
+  position, so they do not depend on the numpy or Python version.
+- Global batch t is positions [kB, (k+1)B) of epoch e = t // steps_per_epoch, k = t % steps_per_epoch.
+  Rank r of W takes its contiguous B/W of it. Loader workers decode whole local batches round-robin and the
+  DataLoader hands them back in step order, so `data.workers` changes nothing but speed, and a different
+  world size on resume still sees the same global batches.
+- A sample's augmentation is seeded by (seed, epoch, position), not by who decodes it.
+- The data position is the next step: a resume seeks in O(1), reading no tar headers (the index is cached).
 
-- The data is read by S = world_size * max(1, workers) *slots*; slot k = rank * workers + worker.
-- Pass p (a walk over all shards) shuffles the shard list with a seed derived from (seed, p). Slot k takes
-  shards[k::S] (or, with fewer shards than slots, every S-th sample of all shards), scans their tar headers
-  into records (member offsets, no bytes), and runs them through a seeded shuffle buffer of records.
-  Passes follow each other forever; the trainer's epochs (`train_num_samples`) are windows on this stream.
-- A slot emits chunks of global_batch / S samples. The global batch t is [chunk t of slot 0, ..., chunk t of
-  slot S-1], whichever way S splits into ranks x workers: one process with 2 workers and two processes with
-  1 worker see the same global batches.
-- Position of slot k = {pass, drawn, bad_samples, bad_shards}: the replay re-scans pass `pass` up to record
-  `drawn` without reading any image. Images are decoded and augmented with a per-sample seed, so
-  augmentation does not depend on which process decodes them either.
-- Sample id = int(json["key"]). A corrupt shard or sample raises DataError naming shard and key, or with
-  skip_bad is skipped, counted (in the position, so counts survive restarts) and reported on stderr; counts
-  and reports come from pass 0 only, so they are of distinct bad shards/samples met, not of re-encounters.
+Bad data: a bad shard or sample found by the survey stops the start with an error naming shard and key, or
+with skip_bad is left out of the epoch and counted. An image that does not decode is only found when it is
+decoded: an error naming shard and key, or with skip_bad counted (first epoch only, so a count is of distinct
+samples) and replaced by a black image with the sample's own caption and id, so the batch keeps its size
+and the ids stay unique.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
+import itertools
 import os
-import random
-import re
 import sys
-import tarfile
 from collections import OrderedDict
-from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_SPLIT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key / extension split
+from neuclip.data.check import BadImage, DataError, Problem, open_image, survey
+from neuclip.data.shards import IMAGE_EXTS, MemberReader, ShardError, expand_pattern, shard_index
 
+# TEMPORARY, until the trainer is moved over (the old loader's names, used by the trainer as it is now).
+from neuclip.train.slots import Loader, TrainStream, fresh_position, merged_positions  # noqa: E402, F401
 
-class DataError(RuntimeError):
-    """A corrupt or missing shard/sample; the message names the shard and key."""
-
-
-class _BadSample(Exception):
-    pass
-
-
-def fresh_position() -> dict:
-    return {"pass": 0, "drawn": 0, "bad_samples": 0, "bad_shards": 0}
+ORDER = "epoch-blocks-v1"  # the checkpoint's name for this order; a different one cannot be resumed
+__all__ = ["DataError", "ORDER", "EpochOrder", "TrainLoader", "TrainData", "expand_shards", "mix", "random_order"]
 
 
 def mix(*parts) -> int:
@@ -60,366 +57,324 @@ def mix(*parts) -> int:
 
 def expand_shards(pattern: str) -> list[str]:
     """Shard paths of a brace pattern (also `a::b`, globs and folders); every one must exist."""
-    from neuclip.data.shards import expand_pattern
-
     shards = [str(p) for p in expand_pattern(pattern)]
     if not shards:
         raise DataError(f"data.train_shards {pattern!r} names no shards")
     missing = [s for s in shards if not os.path.exists(s)]
     if missing:
-        raise DataError(
-            f"{len(missing)} of {len(shards)} shards of {pattern!r} do not exist, e.g. {missing[0]}"
-        )
+        raise DataError(f"{len(missing)} of {len(shards)} shards of {pattern!r} do not exist, e.g. {missing[0]}")
     return shards
 
 
-def scan_shard(path: str) -> Iterator[tuple[str, dict]]:
-    """(key, {ext: (offset, size)}) for each sample of a tar shard, from its headers only.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
-    Raises DataError for a shard that is not a tar, has a corrupt header or is truncated (tarfile alone
-    stops silently at a cut, so the last member's data must lie inside the file).
+
+def random_order(n: int, *seed_parts) -> np.ndarray:
+    """A permutation of range(n): argsort of splitmix64(base + i * golden), base from `seed_parts`."""
+    z = np.uint64(mix(*seed_parts)) + np.arange(n, dtype=np.uint64) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return np.argsort(z ^ (z >> np.uint64(31)), kind="stable")
+
+
+class EpochOrder:
+    """Which (shard, n-th usable sample of it) sits at each position of an epoch (see the module docstring)."""
+
+    def __init__(self, counts: np.ndarray, seed: int, block: int):
+        self.counts, self.seed, self.block = np.asarray(counts, dtype=np.int64), seed, max(1, int(block))
+        self.total = int(self.counts.sum())
+        self._shards: OrderedDict = OrderedDict()
+        self._blocks: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def _cached(cache: OrderedDict, key, make, keep: int):
+        if key not in cache:
+            cache[key] = make()
+            while len(cache) > keep:
+                cache.popitem(last=False)
+        return cache[key]
+
+    def _shard_order(self, epoch: int):
+        def make():
+            order = random_order(len(self.counts), self.seed, "shards", epoch)
+            return order, np.cumsum(self.counts[order])
+
+        return self._cached(self._shards, epoch, make, 2)
+
+    def _block(self, epoch: int, b: int) -> np.ndarray:
+        n = min(self.block, self.total - b * self.block)
+        return self._cached(self._blocks, (epoch, b), lambda: random_order(n, self.seed, "block", epoch, b), 4)
+
+    def locate(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard numbers, usable-sample numbers within them) of positions [start, stop) of `epoch`."""
+        if not 0 <= start <= stop <= self.total:
+            raise IndexError(f"positions [{start}, {stop}) outside the epoch's {self.total} samples")
+        pos = np.arange(start, stop, dtype=np.int64)
+        seq = np.empty_like(pos)
+        for b in range(start // self.block, (stop - 1) // self.block + 1 if stop > start else 0):
+            sel = (pos >= b * self.block) & (pos < (b + 1) * self.block)
+            seq[sel] = b * self.block + self._block(epoch, b)[pos[sel] - b * self.block]
+        order, cum = self._shard_order(epoch)
+        k = np.searchsorted(cum, seq, side="right")
+        shard = order[k]
+        return shard, seq - (cum[k] - self.counts[shard])
+
+
+class TrainData:
+    """The usable samples of a shard list and the epoch order over them; the epoch length is theirs.
+
+    Raises DataError for a fatal problem, or (without skip_bad) for any bad shard or sample, listing them.
     """
-    key, members, last_key, end = None, {}, None, 0
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            tf = tarfile.open(fileobj=f, mode="r:")
-            while True:
-                info = tf.next()
-                if info is None:
-                    break
-                tf.members.clear()  # tarfile keeps every header otherwise; we only stream
-                if not info.isfile():
-                    continue
-                m = _SPLIT.match(info.name)
-                if m is None:
-                    continue
-                k, ext = m.group(1), m.group(2).lower()
-                end = info.offset_data + info.size
-                if k != key:
-                    if key is not None:
-                        last_key = key
-                        yield key, members
-                    key, members = k, {}
-                members[ext] = (info.offset_data, info.size)
-            # tarfile stops silently at a corrupt or cut header: a real end has the zero end-of-archive block.
-            f.seek(tf.offset)
-            block = f.read(tarfile.BLOCKSIZE)
-            if block != b"\0" * tarfile.BLOCKSIZE:
-                what = (
-                    "no end-of-archive marker (truncated?)"
-                    if len(block) < tarfile.BLOCKSIZE
-                    else "unreadable tar header"
-                )
-                raise tarfile.ReadError(f"{what} at byte {tf.offset}")
-    except (tarfile.TarError, OSError, EOFError) as err:
-        where = f" after key {key or last_key}" if (key or last_key) else " at its start"
-        raise DataError(f"corrupt shard {path}{where}: {err}") from err
-    if end > size:
-        raise DataError(
-            f"corrupt shard {path}: truncated in sample {key} ({size} bytes, member ends at {end})"
-        )
-    if key is not None:
-        yield key, members
+
+    def __init__(self, shards: list[str], *, seed: int, global_batch: int, block: int, skip_bad: bool):
+        self.shards, self.seed, self.B, self.skip_bad = list(shards), seed, global_batch, skip_bad
+        sv = survey(self.shards)
+        fatal = [p for p in sv.problems if p.fatal]
+        if fatal or (sv.problems and not skip_bad):
+            raise DataError(_listing(fatal or sv.problems, skippable=not fatal))
+        for p in sv.problems[:20]:
+            print(f"neuclip data: skipped ({'shard' if p.key is None else 'sample'}): {p.named()}", file=sys.stderr)
+        if len(sv.problems) > 20:
+            print(f"neuclip data: ... {len(sv.problems) - 20} more skipped (see `neuclip data check`)", file=sys.stderr)
+        self.survey = sv
+        self.bad_samples = sum(p.key is not None for p in sv.problems)
+        self.bad_shards = sum(p.key is None for p in sv.problems)
+        self.order = EpochOrder(sv.counts, seed, block)
+        self.num_samples = self.order.total
+        self.steps_per_epoch = self.num_samples // global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the {len(self.shards)} shard(s) hold {self.num_samples} usable samples, fewer than "
+                f"train.global_batch_size ({global_batch}): add shards or lower the batch size"
+            )
+        self.max_id = sv.max_id
+        self._indexes: OrderedDict = OrderedDict()
+
+    def fingerprint(self) -> str:
+        """Changes when the shard list or any shard's usable samples change (a resume must then stop)."""
+        h = hashlib.blake2b(digest_size=12)
+        for shard, n, c in zip(self.shards, self.survey.samples, self.survey.counts):
+            h.update(f"{os.path.basename(shard)}:{n}:{c};".encode())
+        return h.hexdigest()
+
+    def index(self, shard: int):
+        """The shard's index (offsets), loaded lazily and kept for the most recent 256 shards."""
+        return EpochOrder._cached(self._indexes, shard, lambda: shard_index(self.shards[shard]), 256)
+
+    def positions(self, step: int, rank: int = 0, world: int = 1) -> tuple[int, int, int]:
+        """(epoch, first position, stop) of rank `rank`'s part of global batch `step`."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        local = self.B // world
+        start = k * self.B + rank * local
+        return epoch, start, start + local
 
 
-class SlotReader:
-    """The infinite record/chunk stream of one slot (see the module docstring)."""
+def _listing(problems: list[Problem], skippable: bool) -> str:
+    head = "; ".join(p.named() for p in problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    fix = (
+        "run `neuclip data check` on the shards for the full list; set data.skip_bad=true to skip and count "
+        "such samples"
+        if skippable
+        else "missing shards and count mismatches are never skipped: fix them or the pattern"
+    )
+    return f"{len(problems)} problem(s) in the training data: {head}{more}. {fix}"
 
-    def __init__(
-        self,
-        shards: list[str],
-        *,
-        seed: int,
-        slot: int,
-        num_slots: int,
-        shuffle_buffer: int,
-        skip_bad: bool,
-        transform=None,
-        tokenizer=None,
-    ):
-        self.shards, self.seed, self.slot, self.num_slots = list(shards), seed, slot, num_slots
-        self.shuffle_buffer, self.skip_bad = shuffle_buffer, skip_bad
+
+class FastTrainTransform:
+    """open_clip's train transform (RandomResizedCrop bicubic, RGB, ToTensor, Normalize) on uint8 tensors.
+
+    The crop box is drawn by torchvision's own `RandomResizedCrop.get_params` (same random draws, so the same
+    box for the same seed); the bicubic antialiased resize runs on the uint8 crop with torch's vectorised
+    kernel (about 4x faster than PIL's here, values within a level or two of PIL's), then one fused
+    normalisation. `match` returns None for any other transform, which is then applied as it is.
+    """
+
+    def __init__(self, size, scale, ratio, mean, std):
+        self.size, self.scale, self.ratio = list(size), list(scale), list(ratio)
+        std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mul = 1.0 / (255.0 * std)
+        self.sub = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std
+
+    @classmethod
+    def match(cls, transform) -> FastTrainTransform | None:
+        from torchvision import transforms as T
+
+        steps = list(getattr(transform, "transforms", []))
+        if len(steps) < 3:
+            return None
+        rrc, middle, norm = steps[0], steps[1:-1], steps[-1]
+        if not (
+            isinstance(rrc, T.RandomResizedCrop)
+            and rrc.interpolation == T.InterpolationMode.BICUBIC
+            and rrc.antialias in (True, None)
+            and isinstance(norm, T.Normalize)
+            and len(middle) >= 1
+            and isinstance(middle[-1], T.ToTensor)
+            and all(type(m).__name__ == "MaybeConvertMode" and m.mode == "RGB" for m in middle[:-1])
+        ):
+            return None
+        return cls(rrc.size, rrc.scale, rrc.ratio, norm.mean, norm.std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms import RandomResizedCrop
+
+        i, j, h, w = RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[:, i : i + h, j : j + w]
+        x = torch.nn.functional.interpolate(x.unsqueeze(0), self.size, mode="bicubic", antialias=True)
+        return x[0].float().mul_(self.mul).sub_(self.sub)
+
+
+class BatchDataset(Dataset):
+    """Item `step` = this rank's part of global batch `step`: images, tokens, ids, undecodable samples."""
+
+    def __init__(self, data: TrainData, *, rank: int, world: int, transform, tokenizer):
+        self.data, self.rank, self.world = data, rank, world
         self.transform, self.tokenizer = transform, tokenizer
-        self.counts = {"bad_samples": 0, "bad_shards": 0}
-        self._handles: OrderedDict[int, io.BufferedReader] = OrderedDict()
+        self.fast = FastTrainTransform.match(transform) if transform is not None else None
+        self.reader = MemberReader()
 
-    # -- records ---------------------------------------------------------------------------------------
-    def _bad(self, kind: str, message: str, p: int) -> None:
-        """Raise, or skip: counted and reported in pass 0 only, so counts are of distinct shards/samples."""
-        if not self.skip_bad:
-            raise DataError(message + " (set data.skip_bad=true to skip and count such samples)")
-        if p == 0:
-            self.counts[kind] += 1
-            print(f"neuclip data: skipped ({kind[4:]}): {message}", file=sys.stderr, flush=True)
+    def _image(self, index, i: int, shard: str, key: str, epoch: int, p: int):
+        ext = IMAGE_EXTS[index.image_ext[i]]
+        try:
+            return open_image(self.reader.read(shard, *map(int, index.image[i])), ext), None
+        except BadImage as err:
+            named = Problem(shard, key, str(err)).named()
+            if not self.data.skip_bad:
+                raise DataError(f"{named} (set data.skip_bad=true to skip it)") from None
+            return Image.new("RGB", (64, 64)), (named if epoch == 0 else None)
 
-    def _pass_records(self, p: int) -> Iterator[tuple]:
-        order = list(range(len(self.shards)))
-        random.Random(mix(self.seed, "shards", p)).shuffle(order)
-        S, k = self.num_slots, self.slot
-        by_shard = len(order) >= S
-        mine = order[k::S] if by_shard else order
-        index = 0  # sample index within the pass over `mine` (for the sample-level split)
-        for si in mine:
-            path = self.shards[si]
-            samples = scan_shard(path)
-            while True:
+    def __getitem__(self, step: int) -> dict:
+        epoch, start, stop = self.data.positions(step, self.rank, self.world)
+        shards, nth = self.data.order.locate(epoch, start, stop)
+        images, texts, ids, bad = [], [], [], []
+        rng = torch.default_generator.get_state()  # per-sample seeds must not disturb the caller's RNG
+        try:
+            for p, s, n in zip(range(start, stop), shards.tolist(), nth.tolist()):
+                index, shard = self.data.index(s), self.data.shards[s]
+                usable = self.data.survey.usable[s]
+                i = n if usable is None else int(usable[n])
+                key = index.key(i)
                 try:
-                    key, members = next(samples)
-                except StopIteration:
-                    break
-                except DataError as err:
-                    if not self.skip_bad or by_shard or si % S == k:  # count a shard once, not per slot
-                        self._bad("bad_shards", str(err), p)
-                    break
-                ours = by_shard or index % S == k
-                index += 1
-                if not ours:
-                    continue
-                missing = [e for e in ("txt", "json") if e not in members]
-                if not any(e in members for e in IMAGE_EXTS):
-                    missing.insert(0, "jpg")
-                if missing:
-                    self._bad("bad_samples", f"shard {path} key {key}: missing .{', .'.join(missing)}", p)
-                    continue
-                yield (si, key, members)
-
-    def _pass_shuffled(self, p: int) -> Iterator[tuple]:
-        n = self.shuffle_buffer
-        records = self._pass_records(p)
-        if n <= 1:
-            yield from records
-            return
-        rng = random.Random(mix(self.seed, "buffer", p, self.slot))
-        buf: list = []
-        for rec in records:
-            if len(buf) < n:
-                buf.append(rec)
-                continue
-            j = rng.randrange(n)
-            out, buf[j] = buf[j], rec
-            yield out
-        rng.shuffle(buf)
-        yield from buf
-
-    def records(self, position: dict) -> Iterator[tuple]:
-        """(record, pass, drawn) from `position` on, forever; counts resume at the position's values."""
-        p, skip = int(position["pass"]), int(position["drawn"])
-        saved = {"bad_samples": int(position["bad_samples"]), "bad_shards": int(position["bad_shards"])}
-        if skip == 0:
-            self.counts = dict(saved)
-        while True:
-            n = 0
-            for rec in self._pass_shuffled(p):
-                n += 1
-                if n <= skip:
-                    if n == skip:
-                        # The replay is now exactly where the original run was: its counts are the truth.
-                        self.counts = dict(saved)
-                    continue
-                yield rec, p, n
-            if n < skip:
-                raise DataError(
-                    f"slot {self.slot}: pass {p} has {n} samples but the checkpoint consumed {skip}: "
-                    "the shards changed since the checkpoint was written"
-                )
-            if n == 0:
-                raise DataError(
-                    f"slot {self.slot} of {self.num_slots} found no usable sample in pass {p} "
-                    f"({len(self.shards)} shards)"
-                )
-            p, skip = p + 1, 0
-
-    # -- decoding --------------------------------------------------------------------------------------
-    def _read(self, si: int, offset: int, size: int) -> bytes:
-        f = self._handles.get(si)
-        if f is None:
-            f = open(self.shards[si], "rb")  # noqa: SIM115 - cached, closed on eviction
-            self._handles[si] = f
-            if len(self._handles) > 8:
-                self._handles.popitem(last=False)[1].close()
-        else:
-            self._handles.move_to_end(si)
-        f.seek(offset)
-        data = f.read(size)
-        if len(data) != size:
-            raise _BadSample(f"member truncated ({len(data)} of {size} bytes)")
-        return data
-
-    def decode(self, rec: tuple, sample_seed: int) -> tuple[torch.Tensor, str, int]:
-        from PIL import Image
-
-        si, key, members = rec
-        try:
-            meta = json.loads(self._read(si, *members["json"]))
-            sample_id = int(meta["key"])
-            if sample_id < 0:
-                raise ValueError(f"negative key {sample_id}")
-        except _BadSample:
-            raise
-        except Exception as err:
-            raise _BadSample(f"bad .json (need an integer 'key'): {err!r}") from err
-        try:
-            text = self._read(si, *members["txt"]).decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise _BadSample(f"bad .txt: {err}") from err
-        ext = next(e for e in IMAGE_EXTS if e in members)
-        try:
-            image = Image.open(io.BytesIO(self._read(si, *members[ext])))
-            image = image.convert("RGB")
-        except _BadSample:
-            raise
-        except Exception as err:
-            raise _BadSample(f"cannot decode .{ext}: {err}") from err
-        if self.transform is not None:
-            torch.default_generator.manual_seed(sample_seed)
-            image = self.transform(image)
-        return image, text, sample_id
-
-    def chunks(self, position: dict, chunk_size: int) -> Iterator[dict]:
-        """Decoded chunks {"slot", "image", "text", "ids", "position"}; "position" is the state after it."""
-        records = self.records(position)
-        while True:
-            images, texts, ids = [], [], []
-            rng_state = torch.default_generator.get_state()  # per-sample seeds must not disturb the caller
-            try:
-                while len(ids) < chunk_size:
-                    rec, p, n = next(records)
-                    try:
-                        image, text, sample_id = self.decode(rec, mix(self.seed, "sample", p, self.slot, n))
-                    except _BadSample as err:
-                        self._bad("bad_samples", f"shard {self.shards[rec[0]]} key {rec[1]}: {err}", p)
-                        continue
-                    images.append(image)
-                    texts.append(text)
-                    ids.append(sample_id)
-            finally:
-                torch.default_generator.set_state(rng_state)
-            yield {
-                "slot": self.slot,
-                "image": torch.stack(images) if isinstance(images[0], torch.Tensor) else images,
-                "text": self.tokenizer(texts) if self.tokenizer is not None else texts,
-                "ids": torch.tensor(ids, dtype=torch.int64),
-                "position": {"pass": p, "drawn": n, **self.counts},
-            }
-
-    def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles.clear()
+                    texts.append(self.reader.read(shard, *map(int, index.text[i])).decode("utf-8"))
+                except ShardError as err:
+                    raise DataError(f"{err}: the shard changed since it was indexed; rerun") from None
+                image, problem = self._image(index, i, shard, key, epoch, p)
+                if problem:
+                    bad.append(problem)
+                torch.default_generator.manual_seed(mix(self.data.seed, "augment", epoch, p))
+                tf = self.fast or self.transform
+                images.append(tf(image) if tf is not None else image)
+                ids.append(int(index.ids[i]))
+        finally:
+            torch.default_generator.set_state(rng)
+        return {
+            "step": step,
+            "image": torch.stack(images) if isinstance(images[0], torch.Tensor) else images,
+            "text": self.tokenizer(texts) if self.tokenizer is not None else texts,
+            "ids": torch.tensor(ids, dtype=torch.int64),
+            "bad": bad,
+        }
 
 
-class TrainStream(IterableDataset):
-    """This rank's slots as an IterableDataset: worker j (or the main process) streams slot rank*w + j."""
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class TrainLoader:
+    """This rank's local batches from step `start` on, and the data state a checkpoint keeps.
+
+    `bad_decoded`: undecodable images met so far (the checkpoint's value, so counts survive restarts).
+    """
 
     def __init__(
         self,
-        shards: list[str],
+        data: TrainData,
         *,
-        seed: int,
-        rank: int,
-        world_size: int,
-        workers: int,
-        chunk_size: int,
-        positions: list[dict],
-        shuffle_buffer: int,
-        skip_bad: bool,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 0,
+        start: int = 0,
+        bad_decoded: int = 0,
         transform=None,
         tokenizer=None,
+        pin_memory: bool = False,
     ):
-        super().__init__()
-        self.shards, self.seed, self.workers, self.chunk_size = shards, seed, workers, chunk_size
-        self.per_rank = max(1, workers)
-        self.num_slots = world_size * self.per_rank
-        self.slots = [rank * self.per_rank + j for j in range(self.per_rank)]
-        if len(positions) != self.num_slots:
-            raise ValueError(f"need {self.num_slots} slot positions, got {len(positions)}")
-        self.positions = positions
-        self.shuffle_buffer, self.skip_bad = shuffle_buffer, skip_bad
-        self.transform, self.tokenizer = transform, tokenizer
-
-    def reader(self, slot: int) -> SlotReader:
-        return SlotReader(
-            self.shards,
-            seed=self.seed,
-            slot=slot,
-            num_slots=self.num_slots,
-            shuffle_buffer=self.shuffle_buffer,
-            skip_bad=self.skip_bad,
-            transform=self.transform,
-            tokenizer=self.tokenizer,
-        )
-
-    def __iter__(self):
-        info = get_worker_info()
-        if info is not None:
-            torch.set_num_threads(1)
-        slot = self.slots[0 if info is None else info.id]
-        reader = self.reader(slot)
-        try:
-            yield from reader.chunks(self.positions[slot], self.chunk_size)
-        finally:
-            reader.close()
-
-
-class Loader:
-    """Local batches (images, tokens, ids) and the data position they leave behind.
-
-    `positions` holds this rank's slots' positions after the last batch handed out; `merged_positions`
-    gathers every rank's (for a checkpoint written by rank 0).
-    """
-
-    def __init__(self, stream: TrainStream, *, pin_memory: bool = False):
-        self.stream = stream
-        self.positions = {s: dict(stream.positions[s]) for s in stream.slots}
-        kwargs = {}
-        if stream.workers > 0:
-            kwargs = {"prefetch_factor": 2, "persistent_workers": False}
+        if data.B % world:
+            raise DataError(f"train.global_batch_size ({data.B}) must be divisible by the world size ({world})")
+        self.data, self.step, self.bad_decoded = data, start, bad_decoded
+        self.dataset = BatchDataset(data, rank=rank, world=world, transform=transform, tokenizer=tokenizer)
+        kwargs = {"prefetch_factor": 2, "worker_init_fn": _worker_init} if workers > 0 else {}
         self.loader = DataLoader(
-            stream,
+            self.dataset,
             batch_size=None,
-            num_workers=stream.workers,
+            sampler=itertools.count(start),
+            num_workers=workers,
             pin_memory=pin_memory,
-            generator=torch.Generator().manual_seed(0),
             **kwargs,
         )
         self._it = iter(self.loader)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        chunks = [next(self._it) for _ in self.stream.slots]
-        got = [int(c["slot"]) for c in chunks]
-        if got != self.stream.slots:
-            raise RuntimeError(f"data loader returned slots {got}, expected {self.stream.slots}")
-        for c in chunks:
-            self.positions[int(c["slot"])] = {k: int(v) for k, v in c["position"].items()}
-        if len(chunks) == 1:
-            c = chunks[0]
-            return c["image"], c["text"], c["ids"]
-        return (
-            torch.cat([c["image"] for c in chunks]),
-            torch.cat([c["text"] for c in chunks]),
-            torch.cat([c["ids"] for c in chunks]),
-        )
+        item = next(self._it)
+        if int(item["step"]) != self.step:
+            raise RuntimeError(f"data loader returned step {int(item['step'])}, expected {self.step}")
+        self.step += 1
+        for problem in item["bad"]:
+            self.bad_decoded += 1
+            print(f"neuclip data: skipped (image): {problem}", file=sys.stderr, flush=True)
+        return item["image"], item["text"], item["ids"]
 
-    def bad_counts(self) -> dict:
-        return {k: sum(p[k] for p in self.positions.values()) for k in ("bad_samples", "bad_shards")}
+    def bad_counts(self, bad_decoded: int | None = None) -> dict:
+        n = self.bad_decoded if bad_decoded is None else bad_decoded
+        return {"bad_samples": self.data.bad_samples + n, "bad_shards": self.data.bad_shards}
+
+    def state(self) -> dict:
+        """The checkpoint's data entry. Collective when distributed: the undecodable counts are summed."""
+        import torch.distributed as dist
+
+        bad = torch.tensor(self.bad_decoded, dtype=torch.int64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad)
+        return {
+            "order": ORDER,
+            "next_step": self.step,
+            "global_batch": self.data.B,
+            "block": self.data.order.block,
+            "num_samples": self.data.num_samples,
+            "fingerprint": self.data.fingerprint(),
+            "bad_decoded": int(bad),
+        }
 
     def close(self) -> None:
         it, self._it = self._it, None
         del it
+        self.dataset.reader.close()
 
 
-def merged_positions(local: dict[int, dict], num_slots: int) -> list[dict]:
-    """Every slot's position (an all_gather across ranks when distributed)."""
-    import torch.distributed as dist
+def resume_point(state: dict | None, data: TrainData, rank: int, source: str) -> tuple[int, int]:
+    """(start step, this rank's undecodable count) from a checkpoint's data entry; refuses what cannot follow.
 
-    merged = dict(local)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        for part in gathered:
-            merged.update(part)
-    missing = [s for s in range(num_slots) if s not in merged]
-    if missing:
-        raise RuntimeError(f"no data position for slots {missing}")
-    return [merged[s] for s in range(num_slots)]
+    The sum of undecodable images is carried by rank 0 alone, so it survives a change of world size.
+    """
+    if state is None:
+        return 0, 0
+    if "order" not in state:
+        raise DataError(
+            f"{source} was written by the earlier slot-based data loader (its data order depended on the "
+            "number of loader workers) and cannot be continued in this version's order: start a new run_dir"
+        )
+    expected = {
+        "order": ORDER,
+        "global_batch": data.B,
+        "block": data.order.block,
+        "num_samples": data.num_samples,
+        "fingerprint": data.fingerprint(),
+    }
+    diff = [f"{k}: {state.get(k)!r} -> {v!r}" for k, v in expected.items() if state.get(k) != v]
+    if diff:
+        raise DataError(
+            f"{source} read the data in another order or from other shards ({'; '.join(diff)}): the shards or "
+            "their usable samples changed since it was written; restore them, or start a new run_dir"
+        )
+    return int(state["next_step"]), int(state["bad_decoded"]) if rank == 0 else 0
