@@ -12,13 +12,10 @@ every embedded sample, and the method's own estimate is scored (METHOD §6.3).
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from neuclip.atomic import write_atomic, write_json
@@ -37,28 +34,34 @@ class ShardImages(IterableDataset):
         self.shards, self.transform, self.skip_bad = shards, transform, skip_bad
 
     def __iter__(self):
-        from neuclip.data.shards import ShardError, iter_samples
+        # The shared reader and bad-sample rule (neuclip/data/check.py): the samples training used, by offset.
+        from neuclip.data.check import BadImage, open_image
+        from neuclip.data.shards import IMAGE_EXTS, MemberReader, ShardError, shard_index
 
         info = get_worker_info()
         mine = self.shards[info.id :: info.num_workers] if info else self.shards
+        reader = MemberReader()
         for shard in mine:
             try:
-                for sample in iter_samples(Path(shard)):
+                index = shard_index(shard)
+                for i in range(len(index)):
                     try:
-                        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-                        key = int(json.loads(sample["json"])["key"])
-                        item = (self.transform(image), sample["txt"].decode("utf-8"), key)
-                    except Exception as err:  # noqa: BLE001 - any decode problem of one sample
+                        if index.problems.get(i):
+                            raise BadImage("; ".join(reason for _, reason in index.problems[i]))
+                        ext = IMAGE_EXTS[index.image_ext[i]]
+                        image = open_image(reader.read(shard, *map(int, index.image[i])), ext)
+                        text = reader.read(shard, *map(int, index.text[i])).decode("utf-8")
+                    except BadImage as err:
                         if self.skip_bad:
                             continue
                         raise ValueError(
-                            f"{shard}: sample {sample['__key__']} cannot be read ({err}); fix the data or set "
-                            "data.skip_bad=true"
-                        ) from err
-                    yield item
+                            f"{shard}: sample {index.key(i)}: {err}; fix the data or set data.skip_bad=true"
+                        ) from None
+                    yield self.transform(image), text, int(index.ids[i])
             except ShardError as err:
                 if not self.skip_bad:
                     raise ValueError(f"{shard}: {err}; fix the data or set data.skip_bad=true") from err
+        reader.close()
 
 
 def _collate(items):

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neuclip.data.shards import IMAGE_EXTS
 from neuclip.eval.suites import Task
 
-IMAGE_EXTENSIONS = ["webp", "png", "jpg", "jpeg"]  # what clip_benchmark's wds loader accepts
+IMAGE_EXTENSIONS = list(IMAGE_EXTS)  # the project's one list (clip_benchmark's wds loader accepts the same four)
 
 
 @dataclass(frozen=True)
