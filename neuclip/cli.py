@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Order is the order `neuclip --help` lists them in: the pipeline's order.
-COMMANDS = ["data", "methods", "train", "eval", "error", "report", "bench"]
+COMMANDS = ["data", "methods", "config", "train", "eval", "error", "report", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"neuclip.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"neuclip.commands.{name}":
-                continue  # stage not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"neuclip.commands.{name}").register(sub)
     return parser
 
 
