@@ -98,10 +98,6 @@ def run_dir(config: dict, run: Run) -> Path:
     return experiment_dir(config) / run.dataset / run.method / run.variant / f"seed{run.seed}"
 
 
-def config_path(config: dict, run: Run) -> Path:
-    return experiment_dir(config) / "configs" / run.dataset / run.method / run.variant / f"seed{run.seed}.yaml"
-
-
 def eval_suites(config: dict, dataset: str) -> list[str]:
     suites = (config.get("eval") or {}).get("suites")
     return suites if suites else registry(config)[dataset].get("eval_suites", [])
