@@ -1,4 +1,4 @@
-"""Normaliser error tracked *during* training (config section `error`, METHOD.md §6).
+"""Normaliser error tracked *during* training (config section `error`, docs/method.md §6).
 
 Every `error.every` steps (and at the last step) every rank embeds its share of the training shards with the
 current model and its evaluation transform; rank 0 gathers the embeddings, computes the exact alpha* of a
