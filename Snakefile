@@ -22,6 +22,12 @@ import neuclip.workflow as wf
 
 wf.validate_config(config)
 
+# Every cell's start-up checks, before anything is queued: a broken cell fails `snakemake -n`, naming the cell
+# and the key (neuclip/preflight.py).
+import neuclip.preflight
+
+neuclip.preflight.print_warnings(neuclip.preflight.preflight(config))
+
 RUNS = wf.runs(config)
 RUNS_BY_KEY = {r.key: r for r in RUNS}
 EXP_RUNS = str(wf.experiment_dir(config, "runs"))

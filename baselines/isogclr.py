@@ -46,6 +46,12 @@ class ISogCLR(PerSampleEstimator):
     def label_for(cls, options: dict | None) -> str:
         return "FastCLIP-v2" if (options or {}).get("gamma_schedule") == "cosine" else cls.label
 
+    @classmethod
+    def state_bytes(cls, options: dict, ctx: EstimatorContext) -> int:
+        # a, tau, Adam m and v per modality (8 arrays) plus an int64 visit count
+        itemsize = torch.empty(0, dtype=getattr(torch, options["state_dtype"])).element_size()
+        return (8 * itemsize + 8) * ctx.data_size
+
     def __init__(self, cfg: dict, ctx: EstimatorContext):
         super().__init__(cfg, ctx)
         n, dtype = ctx.data_size, self.a1.dtype

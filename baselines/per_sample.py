@@ -63,6 +63,10 @@ class PerSampleEstimator(Estimator):
         "state_dtype": choice("float32", tuple(DTYPES), "dtype of the per-sample state"),
     }
 
+    @classmethod
+    def state_bytes(cls, options: dict, ctx: EstimatorContext) -> int:
+        return 2 * DTYPES[options["state_dtype"]].itemsize * ctx.data_size  # a1, a2
+
     def __init__(self, cfg: dict, ctx: EstimatorContext):
         super().__init__(cfg, ctx)
         if ctx.data_size <= 0:

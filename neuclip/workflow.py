@@ -183,13 +183,29 @@ def train_config(config: dict, run: Run) -> dict:
 SCHEMA = REPO / "workflows" / "schema.yaml"
 
 
+def schema() -> dict:
+    """The experiment schema with its enums filled from the registries: methods from the estimator classes,
+    data sets from datasets.yaml (workflows/schema.yaml leaves them empty, so no list is written twice)."""
+    from neuclip.estimators.registry import method_names
+
+    doc = yaml.safe_load(SCHEMA.read_text())
+    doc["definitions"]["method"]["enum"] = method_names()
+    doc["definitions"]["dataset"]["enum"] = list(_registry_file())
+    return doc
+
+
 def validate_config(config: dict) -> None:
     """Schema validation (snakemake.utils.validate, which also fills defaults), preceded by a check that
     names unknown top-level keys together with the allowed ones (jsonschema only says "unexpected")."""
+    import tempfile
+
     from snakemake.utils import validate
 
-    allowed = yaml.safe_load(SCHEMA.read_text())["properties"]
-    unknown = sorted(set(config) - set(allowed))
+    doc = schema()
+    unknown = sorted(set(config) - set(doc["properties"]))
     if unknown:
-        raise KeyError(f"unknown config key(s) {unknown}; allowed keys: {', '.join(sorted(allowed))}")
-    validate(config, str(SCHEMA))
+        raise KeyError(f"unknown config key(s) {unknown}; allowed keys: {', '.join(sorted(doc['properties']))}")
+    with tempfile.TemporaryDirectory() as tmp:  # snakemake's validate takes a file
+        path = Path(tmp) / "schema.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        validate(config, str(path))

@@ -26,7 +26,9 @@ rule error_sweep:
 
 
 # Each training run's own estimate against exact normalisers over its training data (newest checkpoint).
-SCORED_METHODS = {"openclip", "sogclr", "fastclip", "amorlip", "neuclip"}
+from neuclip.estimators.registry import scored_methods
+
+SCORED_METHODS = set(scored_methods())  # derived from each estimator's estimate_kind
 
 
 def error_run_outputs():

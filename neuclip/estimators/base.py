@@ -100,6 +100,12 @@ class Estimator(nn.Module):
         runs but not as one might expect. `options` are the full resolved options."""
         return []
 
+    @classmethod
+    def state_bytes(cls, options: dict, ctx: EstimatorContext) -> int:
+        """Bytes of state that grow with the data set (per-sample normalisers), for the preflight's memory
+        estimate; state of fixed size (NPN, lambda-nets) is small next to the model and not counted."""
+        return 0
+
     def __init__(self, cfg: dict, ctx: EstimatorContext):
         super().__init__()
         self.cfg = dict(cfg)

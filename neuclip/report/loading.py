@@ -18,20 +18,17 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-METHOD_LABELS = {
-    "openclip": "OpenCLIP",
-    "siglip": "SigLIP",
-    "sogclr": "SogCLR",
-    "isogclr": "iSogCLR",
-    "fastclip": "FastCLIP",
-    "amorlip": "AmorLIP",
-    "neuclip": "NeuCLIP",
-}
-# Row order of every method table.
-METHOD_ORDER = [
-    "OpenCLIP", "SigLIP", "SogCLR", "iSogCLR", "FastCLIP-v0", "FastCLIP-v1", "FastCLIP-v2", "FastCLIP-v3",
-    "AmorLIP", "NeuCLIP",
-]
+
+def _method_registry():
+    from neuclip.estimators import registry
+
+    return registry
+
+
+# Labels and row order come from the estimator classes (neuclip/estimators/registry.py): nothing here lists
+# methods, so a new estimator appears in every table by itself.
+METHOD_LABELS = _method_registry().labels()
+METHOD_ORDER = _method_registry().label_order()  # row order of every method table
 DATASET_LABELS = {
     "cc3m": "CC3M", "cc12m": "CC12M", "dfn14m": "DFN-14M", "dfn192m": "DFN-192M", "dfn1b": "DFN-1B",
     "laion400m": "LAION-400M", "laion315m": "LAION-315M", "datacompsmall": "DataComp-small",
@@ -44,14 +41,12 @@ GROUPS = ("datacomp38", "imagenet_variants", "retrieval", "tiny")
 
 
 def method_label(name: str, options: dict | None) -> str:
-    """Registry name + options -> the label tables use. FastCLIP versions are separate methods; FastCLIP-v2 is
-    iSogCLR with a cosine gamma schedule (baselines/fastclip.py)."""
-    options = options or {}
-    if name == "fastclip":
-        return f"FastCLIP-{options.get('version', 'v3')}"
-    if name == "isogclr" and options.get("gamma_schedule") == "cosine":
-        return "FastCLIP-v2"
-    return METHOD_LABELS.get(name, name)
+    """Registry name + options -> the label tables use (FastCLIP-vN; FastCLIP-v2 is iSogCLR with a cosine
+    gamma schedule): the estimator class decides."""
+    try:
+        return _method_registry().estimator_class(name).label_for(options or {})
+    except KeyError:
+        return name
 
 
 def canonical_method(text: str) -> str:

@@ -401,24 +401,38 @@ def resolve(cfg: dict, base_dir: str | Path | None = None) -> dict:
             f"data.train_num_samples ({d['train_num_samples']}) is smaller than "
             f"train.global_batch_size ({cfg['train']['global_batch_size']})"
         )
-    la = cfg["launcher"]
-    if la["site"]:
-        site_path = Path(la["site"])
-        if not site_path.is_absolute():
-            site_path = base.resolve() / site_path
-        la["site"] = str(site_path)
-        site = load_site(site_path)
-        for key in sorted(SITE_KEYS - {"time_min", "additional_parameters"}):  # same names in both files
-            if la[key] is None and site.get(key) is not None:
-                la[key] = site[key]
-        if la["timeout_min"] is None and site.get("time_min") is not None:
-            la["timeout_min"] = site["time_min"]
-        la["slurm_additional_parameters"] = {
-            **(site.get("additional_parameters") or {}),
-            **la["slurm_additional_parameters"],
-        }
+    apply_site(cfg["launcher"], base)
     validate(cfg)
     return cfg
+
+
+def apply_site(la: dict, base: Path) -> None:
+    """Merge launcher.site's defaults into the launcher section (in place): the config's own values win."""
+    if not la["site"]:
+        return
+    site_path = Path(la["site"])
+    if not site_path.is_absolute():
+        site_path = base.resolve() / site_path
+    la["site"] = str(site_path)
+    site = load_site(site_path)
+    for key in sorted(SITE_KEYS - {"time_min", "additional_parameters"}):  # same names in both files
+        if la[key] is None and site.get(key) is not None:
+            la[key] = site[key]
+    if la["timeout_min"] is None and site.get("time_min") is not None:
+        la["timeout_min"] = site["time_min"]
+    la["slurm_additional_parameters"] = {
+        **(site.get("additional_parameters") or {}),
+        **la["slurm_additional_parameters"],
+    }
+
+
+def world_size(la: dict) -> int:
+    """Training processes of a (site-merged) launcher section: inprocess is one process; otherwise nodes x
+    tasks per node, where tasks default to one per GPU (the launcher's rule)."""
+    if la["executor"] == "inprocess":
+        return 1
+    tasks = la["tasks_per_node"] or max(1, la["gpus_per_node"] or 0)
+    return int(la["nodes"]) * int(tasks)
 
 
 def identity_diff(a: dict, b: dict) -> list[str]:

@@ -1,0 +1,111 @@
+"""Check every cell of an experiment before anything is queued (run by the Snakefile when the DAG is built).
+
+For each run of the grid, the job's own config is built exactly as the job will see it (neuclip.workflow's
+train config, launcher.site merged, the world size the launcher will start) and put through the start-up
+checks the trainer makes: the train-config schema, the batch geometry (neuclip.train.setup.Geometry, the
+trainer's own code), the method's options and sizes (the estimator's own declaration), a known model, and the
+per-node host memory that per-sample state needs against `mem_gb`. Nothing here reads the data: shards may
+live only on the cluster's file system.
+
+A failing cell fails `snakemake -n` with one line per problem, each naming the cell and the key to change.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+GIB = 1024**3
+
+
+class PreflightError(ValueError):
+    """One or more cells would stop at start-up; the message lists each cell, its key and the fix."""
+
+
+@dataclass
+class CellPlan:
+    cell: str
+    world: int
+    steps: int
+    state_gib_per_rank: float
+    warnings: list[str]
+
+
+def _known_models() -> set[str]:
+    import open_clip
+
+    from neuclip.export import register_model_configs
+
+    register_model_configs()
+    return set(open_clip.list_models())
+
+
+def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
+    """Raise ConfigError/OptionError (naming the key) if this cell's job would stop at start-up."""
+    import neuclip.workflow as wf
+    from neuclip.estimators.base import EstimatorContext
+    from neuclip.estimators.registry import check_method, estimator_class
+    from neuclip.train.config import DEFAULTS, ConfigError, _merge, apply_site, validate, world_size
+    from neuclip.train.setup import Geometry
+
+    cfg = _merge(copy.deepcopy(DEFAULTS), wf.train_config(config, run))
+    validate(cfg)
+    apply_site(cfg["launcher"], wf.REPO)
+    d = cfg["data"]
+    if d["train_num_samples"] is None:
+        raise ConfigError(f"data set {run.dataset!r} has no num_samples in workflows/datasets.yaml: set it "
+                          "(or dataset_overrides in the experiment config)")
+    d["data_size"] = d["data_size"] or d["train_num_samples"]
+    if d["train_num_samples"] < cfg["train"]["global_batch_size"]:
+        raise ConfigError(f"train.global_batch_size ({cfg['train']['global_batch_size']}) exceeds the data set's "
+                          f"{d['train_num_samples']} samples")
+    world = world_size(cfg["launcher"])
+    geo = Geometry.of(cfg, world)
+    if models is not None and cfg["model"] not in models:
+        raise ConfigError(f"model {cfg['model']!r} is not an open_clip model nor one in neuclip/model_configs")
+    m = cfg["method"]
+    ctx = EstimatorContext(embed_dim=1, data_size=d["data_size"], total_epochs=geo.total_steps / geo.steps_per_epoch,
+                           total_steps=geo.total_steps, steps_per_epoch=geo.steps_per_epoch)
+    options, warnings = check_method(m["name"], m["options"], m["common_options"], ctx, geo.batch)
+    state = estimator_class(m["name"]).state_bytes(options, ctx)
+    la = cfg["launcher"]
+    tasks = world // int(la["nodes"])
+    # Every rank holds the state and, on resume, loads the whole checkpoint into host memory.
+    need_gib = tasks * state / GIB
+    if la["mem_gb"] is not None and need_gib > la["mem_gb"]:
+        raise ConfigError(
+            f"launcher.mem_gb ({la['mem_gb']}) is below the {need_gib:.0f} GiB that {m['name']}'s per-sample "
+            f"state needs per node ({tasks} ranks x {state / GIB:.1f} GiB for data_size {d['data_size']:,}): "
+            "raise resources.mem_gb for this data set"
+        )
+    return CellPlan(run.key, world, geo.total_steps, state / GIB, warnings)
+
+
+def preflight(config: dict) -> list[CellPlan]:
+    """Check every cell; raise PreflightError listing all failing cells."""
+    import neuclip.workflow as wf
+    from neuclip.estimators.options import OptionError
+    from neuclip.train.config import ConfigError
+
+    models = _known_models()
+    failures, plans = [], []
+    for run in wf.runs(config):
+        try:
+            plans.append(check_cell(config, run, models))
+        except (ConfigError, OptionError) as err:
+            failures.append(f"  cell {config['experiment']}/{run.key}: {err}")
+    if failures:
+        raise PreflightError(f"{len(failures)} cell(s) would stop at start-up:\n" + "\n".join(failures))
+    return plans
+
+
+def print_warnings(plans: list[CellPlan]) -> None:
+    """Warnings (runs that start, but not as one might expect) to stderr once per distinct message."""
+    import sys
+
+    seen = set()
+    for plan in plans:
+        for message in plan.warnings:
+            if message not in seen:
+                seen.add(message)
+                print(f"neuclip preflight: warning ({plan.cell}): {message}", file=sys.stderr)
