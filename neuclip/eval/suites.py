@@ -195,15 +195,22 @@ DATACOMP_TASKS: tuple[Task, ...] = (
 )
 
 
-def _synth(name: str, kind: str, metric: str) -> Task:
+def _synth(name: str, kind: str, metric: str, classes: int | None = None) -> Task:
     # neuclip.data.synth writes these under the synthetic data folder (the --data-root of the tiny suite).
-    return Task(f"synth_{name}", f"Synthetic {name}", kind, metric, f"eval/wds_synth_{name}", f"wds/synth_{name}")
+    chance = 1.0 / classes if classes else None  # retrieval's chance (1/N test pairs) depends on the set's size
+    return Task(f"synth_{name}", f"Synthetic {name}", kind, metric, f"eval/wds_synth_{name}", f"wds/synth_{name}",
+                num_classes=classes, random_score=chance)
+
+
+def _synth_classes() -> dict[str, int]:
+    """Class counts of the synthetic zero-shot sets, from the generator's own class lists."""
+    from neuclip.data.synth import CLASSIFICATION
+
+    return {key.removeprefix("synth_"): len(classes) for key, (_, classes, _) in CLASSIFICATION.items()}
 
 
 TINY_TASKS: tuple[Task, ...] = (
-    _synth("shape", "classification", "acc1"),
-    _synth("colour", "classification", "acc1"),
-    _synth("position", "classification", "acc1"),
+    *(_synth(name, "classification", "acc1", n) for name, n in _synth_classes().items()),
     _synth("retrieval", "retrieval", "mean_recall@1"),
 )
 

@@ -65,6 +65,34 @@ SCALE_NOTE = ("Scales: [paper scale] = the paper's data and settings, compared w
               "[small scale] and [tiny scale] = reduced CPU runs, never compared with them.")
 
 
+CHANCE_ROW = "chance"
+
+
+def chance_level(metric: Metric) -> float | None:
+    """The metric's value at chance (fraction): the task's random score, or the plain mean of its group's tasks'
+    (DataComp's averaging); None when a task of it has none (retrieval recall depends on the set's size)."""
+    from neuclip.eval.suites import GROUPS, TASKS
+
+    ids = GROUPS.get(metric.key, ()) if metric.kind == "group" else (metric.key,)
+    scores = [TASKS[i].random_score for i in ids if i in TASKS]
+    if not scores or any(s is None for s in scores):
+        return None
+    return sum(scores) / len(scores)
+
+
+def chance_note(metric: Metric) -> str:
+    from neuclip.eval.suites import GROUPS, TASKS
+
+    ids = GROUPS.get(metric.key, ()) if metric.kind == "group" else (metric.key,)
+    known = [f"{TASKS[i].name} {100 * TASKS[i].random_score:.3g}" for i in ids if TASKS[i].random_score is not None]
+    unknown = [TASKS[i].name for i in ids if TASKS[i].random_score is None]
+    note = f"chance for {metric.label}: per task (%) " + ", ".join(known) if known else ""
+    if unknown:
+        note += ("; " if note else f"chance for {metric.label}: ") + (
+            "none defined for " + ", ".join(unknown) + " (recall at chance is k/N for N test items), so no chance row")
+    return note
+
+
 def column_metric(spec: Spec, col: tuple[str, str], runs: list[Run]) -> Metric | None:
     if col[1] == "paper" or any(spec.metric.value(r) is not None for r in runs):
         return spec.metric
@@ -111,6 +139,7 @@ def method_table(spec: Spec, runs: list[Run], expected: list[Expected], publishe
         methods = sorted({e.method for e in exp} | {r.method for r in default}, key=sort_key_method)
     pub, source = published_values(published, section)
     table = Table(name, title, "method", [], rows=list(methods), notes=[SCALE_NOTE])
+    chance_rows = False
     for col in cols:
         metric = column_metric(spec, col, [r for r in default if r.column == col])
         if metric is None:
@@ -123,6 +152,12 @@ def method_table(spec: Spec, runs: list[Run], expected: list[Expected], publishe
                                f"{spec.metric.label} (not comparable with paper numbers).")
         ours = f"{head} ours"
         table.columns.append(ours)
+        chance = chance_level(metric)
+        if chance is not None:
+            table.cells[(CHANCE_ROW, ours)] = Num(100 * chance)
+            chance_rows = True
+        else:
+            table.notes.append(f"{head}: {chance_note(metric)}.")
         with_pub = col[1] == "paper" and any(col[0] in v for v in pub.values())
         if with_pub:
             table.columns += [f"{head} published", f"{head} Δ"]
@@ -137,6 +172,10 @@ def method_table(spec: Spec, runs: list[Run], expected: list[Expected], publishe
                 table.cells[(m, f"{head} Δ")] = Num(delta, signed=True,
                                                     blank=MISSING if p is not None else NOT_REPORTED,
                                                     sources=stat.runs + ([ref] if p else []))
+    if chance_rows:
+        table.rows.append(CHANCE_ROW)
+        table.notes.append(f"{CHANCE_ROW}: the metric at chance level (DataComp's random scores; 1/classes for the "
+                           "synthetic tasks), averaged as the metric is.")
     if any(c.endswith(" published") for c in table.columns):
         table.notes.append(f"published: {source.strip().rstrip('.')}. n/r = not reported. Δ = our mean − published.")
     table.notes.append("ours: mean ± sample std over seeds (n = seeds found, n=k/K when K were expected); "

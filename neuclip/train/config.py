@@ -1,8 +1,9 @@
 """Training config: YAML file + dotted `key=value` overrides -> validated, resolved dict.
 
-Every key has a default below, so a config file only states what differs. Unknown keys are an error that
-names the key and lists the allowed ones at that level; `method.options` and
-`launcher.slurm_additional_parameters` are free-form (the estimator and sbatch check those). The resolved
+Every key, its type, range and default is declared once, in neuclip/train/schema.yaml (JSON Schema, like the
+experiment schema and the estimators' options), so a config file only states what differs. Unknown keys are an
+error that names the key and lists the allowed ones at that level; `method.options` and `method.common_options`
+are checked by the estimator's own declaration (neuclip/estimators/options.py). The resolved
 config (absolute paths, site defaults merged, sample counts filled in) is what the run folder records and
 what a resumed run is compared against.
 """
@@ -18,75 +19,32 @@ from typing import Any
 
 import yaml
 
-EXECUTORS = ("inprocess", "local", "debug", "slurm")
-PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
+SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
 
-DEFAULTS: dict[str, Any] = {
-    "run_dir": None,  # required: where config.yaml, metrics, checkpoints, model/ and done.json go
-    "seed": 0,
-    "model": "tiny-vit",  # an open_clip model name (RN50, ViT-B-32, ViT-B-16) or one in neuclip/model_configs
-    "data": {
-        "train_shards": None,  # brace pattern of img2dataset shards, e.g. data/train/{00000..00003}.tar
-        "train_num_samples": None,  # samples per epoch; null = the sum of sizes.json beside the shards
-        "data_size": None,  # max sample id + 1 (per-sample state size); null = train_num_samples
-        "workers": 0,  # DataLoader worker processes per rank (0 = read in the training process)
-        "skip_bad": False,  # corrupt shard/sample: False = stop with an error, True = skip and count
-        "shuffle_buffer": 2000,  # samples; records are offsets, not bytes, so a big buffer is cheap
-    },
-    "method": {
-        "name": "openclip",
-        "options": {},  # estimator options; an option the method does not have is an error
-        "common_options": {},  # shared knobs (rho, lr_tau, gamma_min, ...) applied where the method has them
-    },
-    "train": {
-        "global_batch_size": 64,
-        "epochs": 1,
-        "max_steps": None,  # if set, the run length in steps (overrides epochs)
-        "lr": 5e-4,
-        "weight_decay": 0.1,
-        "warmup_steps": 0,
-        "betas": [0.9, 0.98],
-        "eps": 1e-6,
-        "grad_clip": None,  # max global grad norm; null or 0 = no clipping
-        "precision": "auto",  # auto = bf16 autocast on cuda, fp32 on cpu
-        "device": "auto",  # auto = cuda if available
-        "checkpoint_every": 1000,  # steps
-        "keep_last": 2,  # checkpoints kept
-        "log_every": 10,  # steps between metrics.jsonl lines (the last step is always logged)
-        "threads": None,  # torch.set_num_threads; null = torch's default
-    },
-    # Normaliser error during training (neuclip/error_study/tracking.py): does not change the run.
-    "error": {
-        "every": 0,  # steps between measurements (and the last step); 0 = off
-        "anchors": 1024,  # fixed random anchor subset whose exact alpha* is computed
-        "shards": None,  # embed only the first N training shards (null = all; fewer biases alpha* low)
-        "batch_size": 256,  # embedding batch size
-    },
-    "launcher": {
-        "executor": "inprocess",
-        "nodes": 1,
-        "gpus_per_node": None,  # null = 0 on local/debug, the site default on slurm
-        "gpu_type": None,  # slurm: --gpus-per-node=TYPE:N
-        "tasks_per_node": None,  # null = gpus_per_node (one process per GPU), at least 1
-        "cpus_per_task": None,
-        "mem_gb": None,
-        "timeout_min": None,  # job time limit (slurm: rounded up to whole minutes)
-        "signal_delay_s": None,  # USR2 this long before the limit (submitit default: 90 slurm, 30 local)
-        "partition": None,
-        "account": None,
-        "qos": None,
-        "slurm_additional_parameters": {},  # extra sbatch options, e.g. {constraint: h100}
-        "max_num_timeout": None,  # requeues allowed after timeouts/preemptions
-        "site": None,  # YAML of site defaults (e.g. slurm/site.yaml)
-    },
-    # Free-form labels the report groups runs by (experiment, dataset, method, variant, seed, scale); the
-    # Snakemake workflow fills them. They do not change training.
-    "meta": {},
-}
 
-FREE_FORM = {("method", "options"), ("method", "common_options"), ("launcher", "slurm_additional_parameters"),
-             ("meta",)}
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _defaults(node: dict) -> Any:
+    """The defaults tree of a schema node: objects recurse into their properties (free-form ones keep {})."""
+    if node.get("type") == "object" and "properties" in node and not node.get("x-free-form"):
+        return {key: _defaults(sub) for key, sub in node["properties"].items()}
+    return copy.deepcopy(node.get("default"))
+
+
+def _free_form(node: dict, path: tuple = ()) -> set[tuple]:
+    out = {path} if node.get("x-free-form") else set()
+    for key, sub in (node.get("properties") or {}).items():
+        out |= _free_form(sub, (*path, key))
+    return out
+
+
+SCHEMA = _schema()
+DEFAULTS: dict[str, Any] = _defaults(SCHEMA)  # every key's default, from neuclip/train/schema.yaml
+FREE_FORM = _free_form(SCHEMA)  # mappings whose keys the estimator (or sbatch) checks
+EXECUTORS = tuple(SCHEMA["properties"]["launcher"]["properties"]["executor"]["enum"])
+
 SITE_KEYS = {
     "partition",
     "account",
@@ -98,6 +56,14 @@ SITE_KEYS = {
     "time_min",
     "max_num_timeout",
     "additional_parameters",
+}
+# A site key is the launcher key of the same name, but for these two (site.yaml predates the launcher section).
+SITE_ALIASES = {"time_min": "timeout_min", "additional_parameters": "slurm_additional_parameters"}
+SITE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "definitions": SCHEMA["definitions"],
+    "properties": {k: SCHEMA["properties"]["launcher"]["properties"][SITE_ALIASES.get(k, k)] for k in SITE_KEYS},
 }
 # Keys whose change makes an existing run's checkpoints meaningless; a rerun that changes them is refused.
 IDENTITY_KEYS = [
@@ -206,125 +172,64 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _subschema(path, schema: dict) -> dict:
+    """The schema node of a config key path (for the message), $refs resolved."""
+    node = schema
+    for part in path:
+        props = node.get("properties", {})
+        node = props[part] if part in props else node.get("additionalProperties") or {}
+        if isinstance(node, dict) and "$ref" in node:
+            ref = SCHEMA["definitions"][node["$ref"].rsplit("/", 1)[1]]
+            node = {**ref, **{k: v for k, v in node.items() if k != "$ref"}}
+    return node if isinstance(node, dict) else {}
 
 
-def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+def validate(cfg: dict, schema: dict | None = None, where: str = "") -> None:
+    """Check `cfg` against neuclip/train/schema.yaml (or `schema`); raise ConfigError naming the first bad key."""
+    import jsonschema
 
+    from neuclip.estimators.options import describe
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _sbatch_safe(where: str, value) -> None:
-    """Values that end up in the sbatch script: no control characters (a newline would start a shell line)."""
-    if isinstance(value, bool) or value is None or _is_num(value):
+    schema = schema or SCHEMA
+    bad = _non_finite(cfg)
+    if bad:
+        raise ConfigError(f"config key {where + bad[0]!r} must be a finite number, got {bad[1]!r}")
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(_plain(cfg)),
+                    key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if not errors:
         return
-    if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string or number, got {value!r}")
-    if _CONTROL.search(value):
-        raise ConfigError(f"{where} contains a control character (newline?): {value!r}")
+    err = errors[0]
+    path = [str(p) for p in err.absolute_path]
+    key = where + (".".join(path) or "(top level)")
+    if err.validator == "additionalProperties":
+        allowed = ", ".join(_subschema(path, schema).get("properties", {}))
+        raise ConfigError(f"unknown key under {key!r}: {err.message}; allowed: {allowed}")
+    if err.validator == "propertyNames":
+        raise ConfigError(f"config key {key!r}: bad option name {err.instance!r} (letters, digits, _ and - only)")
+    node = _subschema(path, schema)
+    if isinstance(err.instance, str) and any(ord(c) < 32 or ord(c) == 127 for c in err.instance):
+        raise ConfigError(f"config key {key!r} contains a control character (newline?): {err.instance!r}")
+    raise ConfigError(f"config key {key!r} must be {describe(node)}, got {err.instance!r}")
 
 
-def validate(cfg: dict) -> None:
-    """Type and range checks; raises ConfigError naming the key."""
+def _non_finite(node, path: str = ""):
+    """(dotted key, value) of the first NaN/inf in a config (JSON Schema's number admits them)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _non_finite(value, f"{path}{key}.")
+            if found:
+                return found
+    elif isinstance(node, float) and not math.isfinite(node):
+        return path.rstrip("."), node
+    return None
 
-    def need(cond: bool, key: str, what: str) -> None:
-        if not cond:
-            raise ConfigError(f"config key {key!r} {what}, got {get(cfg, key)!r}")
 
-    need(cfg["run_dir"] is None or isinstance(cfg["run_dir"], str), "run_dir", "must be a path")
-    need(_is_int(cfg["seed"]) and cfg["seed"] >= 0, "seed", "must be an integer >= 0")
-    need(isinstance(cfg["model"], str) and cfg["model"] != "", "model", "must be an open_clip model name")
-    d = cfg["data"]
-    need(
-        d["train_shards"] is None or isinstance(d["train_shards"], str),
-        "data.train_shards",
-        "must be a string",
-    )
-    for key in ("train_num_samples", "data_size"):
-        need(d[key] is None or (_is_int(d[key]) and d[key] > 0), f"data.{key}", "must be a positive integer")
-    need(_is_int(d["workers"]) and d["workers"] >= 0, "data.workers", "must be an integer >= 0")
-    need(isinstance(d["skip_bad"], bool), "data.skip_bad", "must be true or false")
-    need(
-        _is_int(d["shuffle_buffer"]) and d["shuffle_buffer"] >= 0,
-        "data.shuffle_buffer",
-        "must be an integer >= 0",
-    )
-    need(
-        isinstance(cfg["method"]["name"], str), "method.name", "must be a method name (see `neuclip methods`)"
-    )
-    t = cfg["train"]
-    need(
-        _is_int(t["global_batch_size"]) and t["global_batch_size"] >= 2,
-        "train.global_batch_size",
-        "must be an integer >= 2",
-    )
-    need(_is_num(t["epochs"]) and t["epochs"] > 0, "train.epochs", "must be a number > 0")
-    need(
-        t["max_steps"] is None or (_is_int(t["max_steps"]) and t["max_steps"] > 0),
-        "train.max_steps",
-        "must be a positive integer or null",
-    )
-    need(_is_num(t["lr"]) and t["lr"] >= 0, "train.lr", "must be a number >= 0")
-    need(_is_num(t["weight_decay"]) and t["weight_decay"] >= 0, "train.weight_decay", "must be a number >= 0")
-    need(
-        _is_int(t["warmup_steps"]) and t["warmup_steps"] >= 0, "train.warmup_steps", "must be an integer >= 0"
-    )
-    need(
-        isinstance(t["betas"], (list, tuple))
-        and len(t["betas"]) == 2
-        and all(_is_num(b) and 0 <= b < 1 for b in t["betas"]),
-        "train.betas",
-        "must be two numbers in [0, 1)",
-    )
-    need(_is_num(t["eps"]) and t["eps"] > 0, "train.eps", "must be a number > 0")
-    need(
-        t["grad_clip"] is None or (_is_num(t["grad_clip"]) and t["grad_clip"] >= 0),
-        "train.grad_clip",
-        "must be a number >= 0 or null",
-    )
-    need(t["precision"] in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
-    need(t["device"] in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}")
-    for key in ("checkpoint_every", "keep_last", "log_every"):
-        need(_is_int(t[key]) and t[key] >= 1, f"train.{key}", "must be an integer >= 1")
-    need(
-        t["threads"] is None or (_is_int(t["threads"]) and t["threads"] >= 1),
-        "train.threads",
-        "must be an integer >= 1 or null",
-    )
-    e = cfg["error"]
-    need(_is_int(e["every"]) and e["every"] >= 0, "error.every", "must be an integer >= 0 (0 = off)")
-    need(_is_int(e["anchors"]) and e["anchors"] >= 1, "error.anchors", "must be an integer >= 1")
-    need(e["shards"] is None or (_is_int(e["shards"]) and e["shards"] >= 1), "error.shards",
-         "must be an integer >= 1 or null")
-    need(_is_int(e["batch_size"]) and e["batch_size"] >= 1, "error.batch_size", "must be an integer >= 1")
-    la = cfg["launcher"]
-    need(la["executor"] in EXECUTORS, "launcher.executor", f"must be one of {', '.join(EXECUTORS)}")
-    for key in (
-        "nodes",
-        "gpus_per_node",
-        "tasks_per_node",
-        "cpus_per_task",
-        "max_num_timeout",
-        "signal_delay_s",
-    ):
-        lo = 0 if key in ("gpus_per_node", "max_num_timeout", "signal_delay_s") else 1
-        need(
-            la[key] is None or (_is_int(la[key]) and la[key] >= lo),
-            f"launcher.{key}",
-            f"must be an integer >= {lo} or null",
-        )
-    for key in ("mem_gb", "timeout_min"):
-        need(la[key] is None or (_is_num(la[key]) and la[key] > 0), f"launcher.{key}", "must be a number > 0")
-    for key in ("partition", "account", "qos", "gpu_type", "site"):
-        need(la[key] is None or isinstance(la[key], str), f"launcher.{key}", "must be a string or null")
-        _sbatch_safe(f"launcher.{key}", la[key])
-    for key, value in la["slurm_additional_parameters"].items():
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", str(key)):
-            raise ConfigError(f"launcher.slurm_additional_parameters: bad sbatch option name {key!r}")
-        _sbatch_safe(f"launcher.slurm_additional_parameters.{key}", value)
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def get(cfg: dict, dotted: str):
@@ -344,12 +249,7 @@ def load_site(path: str | Path) -> dict:
     unknown = sorted(set(site) - SITE_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown site key(s) {unknown}; allowed: {', '.join(sorted(SITE_KEYS))}")
-    for key in ("partition", "account", "qos", "gpu_type"):
-        _sbatch_safe(f"{path}: {key}", site.get(key))
-    for key, value in (site.get("additional_parameters") or {}).items():
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", str(key)):
-            raise ConfigError(f"{path}: additional_parameters: bad sbatch option name {key!r}")
-        _sbatch_safe(f"{path}: additional_parameters.{key}", value)
+    validate(site, SITE_SCHEMA, where=f"{path}: ")
     return site
 
 

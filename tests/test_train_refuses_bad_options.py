@@ -1,0 +1,51 @@
+"""`neuclip train` refuses a bad method option or path before a run folder exists, naming the key (issue: a
+hostile tester's config cases). Each case goes through the real CLI entry point, as a user runs it."""
+
+from __future__ import annotations
+
+import pytest
+
+from neuclip.cli import main
+from neuclip.train.testing import tiny_overrides
+
+
+def shards(synth_data) -> str:
+    return str(synth_data / "train" / "{00000..00002}.tar")
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (["method.name=neuclip", "method.options={inner_steps: 0}"], "method.options.inner_steps"),
+        (["method.name=neuclip", "method.options={num_prototypes: 0}"], "method.options.num_prototypes"),
+        (["method.name=neuclip", "method.options={num_prototypes: abc}"], "method.options.num_prototypes"),
+        (["method.name=sogclr", "method.options={gamma: fast}"], "method.options.gamma"),
+        (["method.name=fastclip", "method.options={lr_tau: fast}"], "method.options.lr_tau"),
+        (["method.name=fastclip", "method.common_options={lr_tau: fast}"], "method.common_options.lr_tau"),
+        (["method.name=fastclip", "method.common_options={rhoo: 6.5}"], "rhoo"),
+        (["method.name=amorlip", "method.options={inner_steps: 0}"], "method.options.inner_steps"),
+    ],
+)
+def test_bad_method_options_fail_before_the_run_folder(tmp_path, synth_data, capsys, overrides, named):
+    run_dir = tmp_path / "run"
+    code = main(["train", *tiny_overrides(run_dir, shards(synth_data)), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert named in err, err
+    assert not run_dir.exists()
+
+
+def test_a_run_dir_with_a_newline_is_refused(tmp_path, synth_data, capsys):
+    code = main(["train", *tiny_overrides(tmp_path / "run", shards(synth_data)), 'run_dir="a\\nb"'])
+    err = capsys.readouterr().err
+    assert code == 2 and "run_dir" in err and "control character" in err, err
+    assert not (tmp_path / "a").exists()
+
+
+def test_prototypes_beyond_the_data_set_warn_and_name_the_fill_rule(tmp_path, synth_data, capsys):
+    """48 samples, m = 64: allowed (the restart fills m rows with replacement plus jitter), with a warning."""
+    code = main(["train", *tiny_overrides(tmp_path / "run", shards(synth_data)), "method.name=neuclip",
+                 "method.options={num_prototypes: 64}", "--print-config"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "warning" in err and "num_prototypes=64" in err and "with replacement plus Gaussian jitter" in err
