@@ -9,6 +9,7 @@ TARGETS = {
     "estimators": "per-step cost of each estimator at paper-like shapes, NeuCLIP's inner block vs matmul rate",
     "trainer": "our trainer's samples/s vs open_clip_train on the same tiny model; NeuCLIP vs OpenCLIP step",
     "exact": "the exact-normaliser pass: throughput vs matmul rate, peak memory against n",
+    "loader": "training loader samples/s per core vs open_clip's webdataset pipeline; resume cost by position",
 }
 
 

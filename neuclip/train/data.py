@@ -37,13 +37,10 @@ from collections import OrderedDict
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from neuclip.data.check import BadImage, DataError, Problem, open_image, survey
 from neuclip.data.shards import IMAGE_EXTS, MemberReader, ShardError, expand_pattern, shard_index
-
-# TEMPORARY, until the trainer is moved over (the old loader's names, used by the trainer as it is now).
-from neuclip.train.slots import Loader, TrainStream, fresh_position, merged_positions  # noqa: E402, F401
 
 ORDER = "epoch-blocks-v1"  # the checkpoint's name for this order; a different one cannot be resumed
 __all__ = ["DataError", "ORDER", "EpochOrder", "TrainLoader", "TrainData", "expand_shards", "mix", "random_order"]
@@ -216,13 +213,27 @@ class FastTrainTransform:
             return None
         return cls(rrc.size, rrc.scale, rrc.ratio, norm.mean, norm.std)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def crop(self, image: Image.Image) -> torch.Tensor:
+        """The random resized crop as uint8 (3, H, W): crop first, then resize only the crop."""
         from torchvision.transforms import RandomResizedCrop
 
         i, j, h, w = RandomResizedCrop.get_params(image, self.scale, self.ratio)
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[:, i : i + h, j : j + w]
-        x = torch.nn.functional.interpolate(x.unsqueeze(0), self.size, mode="bicubic", antialias=True)
-        return x[0].float().mul_(self.mul).sub_(self.sub)
+        return torch.nn.functional.interpolate(x.unsqueeze(0), self.size, mode="bicubic", antialias=True)[0]
+
+    def __call__(self, image: Image.Image, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised float32 (3, H, W), written into `out` (a row of the batch) when given: no extra copy."""
+        out = torch.empty((3, *self.size)) if out is None else out
+        return torch.mul(self.crop(image), self.mul, out=out).sub_(self.sub)
+
+
+def _batch_tensor(shape) -> torch.Tensor:
+    """An empty float32 batch; in a loader worker, in shared memory from the start (as torch's default_collate
+    does), so handing it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    storage = torch.empty(0)._typed_storage()._new_shared(int(np.prod(shape)))
+    return torch.empty(0).new(storage).view(shape)
 
 
 class BatchDataset(Dataset):
@@ -248,9 +259,10 @@ class BatchDataset(Dataset):
         epoch, start, stop = self.data.positions(step, self.rank, self.world)
         shards, nth = self.data.order.locate(epoch, start, stop)
         images, texts, ids, bad = [], [], [], []
+        batch = _batch_tensor((stop - start, 3, *self.fast.size)) if self.fast else None
         rng = torch.default_generator.get_state()  # per-sample seeds must not disturb the caller's RNG
         try:
-            for p, s, n in zip(range(start, stop), shards.tolist(), nth.tolist()):
+            for row, (p, s, n) in enumerate(zip(range(start, stop), shards.tolist(), nth.tolist())):
                 index, shard = self.data.index(s), self.data.shards[s]
                 usable = self.data.survey.usable[s]
                 i = n if usable is None else int(usable[n])
@@ -263,14 +275,16 @@ class BatchDataset(Dataset):
                 if problem:
                     bad.append(problem)
                 torch.default_generator.manual_seed(mix(self.data.seed, "augment", epoch, p))
-                tf = self.fast or self.transform
-                images.append(tf(image) if tf is not None else image)
+                if self.fast:
+                    self.fast(image, out=batch[row])
+                else:
+                    images.append(self.transform(image) if self.transform is not None else image)
                 ids.append(int(index.ids[i]))
         finally:
             torch.default_generator.set_state(rng)
         return {
             "step": step,
-            "image": torch.stack(images) if isinstance(images[0], torch.Tensor) else images,
+            "image": batch if self.fast else torch.stack(images) if self.transform is not None else images,
             "text": self.tokenizer(texts) if self.tokenizer is not None else texts,
             "ids": torch.tensor(ids, dtype=torch.int64),
             "bad": bad,
@@ -311,6 +325,7 @@ class TrainLoader:
             sampler=itertools.count(start),
             num_workers=workers,
             pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(0),  # its base seed must not be drawn from the global RNG
             **kwargs,
         )
         self._it = iter(self.loader)
@@ -325,17 +340,22 @@ class TrainLoader:
             print(f"neuclip data: skipped (image): {problem}", file=sys.stderr, flush=True)
         return item["image"], item["text"], item["ids"]
 
-    def bad_counts(self, bad_decoded: int | None = None) -> dict:
-        n = self.bad_decoded if bad_decoded is None else bad_decoded
-        return {"bad_samples": self.data.bad_samples + n, "bad_shards": self.data.bad_shards}
-
-    def state(self) -> dict:
-        """The checkpoint's data entry. Collective when distributed: the undecodable counts are summed."""
+    def _decoded_total(self) -> int:
+        """Undecodable images met so far by every rank (collective when distributed)."""
         import torch.distributed as dist
 
         bad = torch.tensor(self.bad_decoded, dtype=torch.int64)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad)
+        return int(bad)
+
+    def bad_counts(self) -> dict:
+        """Bad samples (left out by the survey, plus undecodable images met) and bad shards; collective."""
+        return {"bad_samples": self.data.bad_samples + self._decoded_total(), "bad_shards": self.data.bad_shards}
+
+    def state(self) -> dict:
+        """The checkpoint's data entry: the next step, and what the order depends on (checked on resume).
+        Collective when distributed (the undecodable counts are summed; rank 0 carries the sum on resume)."""
         return {
             "order": ORDER,
             "next_step": self.step,
@@ -343,7 +363,7 @@ class TrainLoader:
             "block": self.data.order.block,
             "num_samples": self.data.num_samples,
             "fingerprint": self.data.fingerprint(),
-            "bad_decoded": int(bad),
+            "bad_decoded": self._decoded_total(),
         }
 
     def close(self) -> None:

@@ -1,8 +1,11 @@
 """The trainer's state in a checkpoint and back: everything a bit-identical continuation needs.
 
-A checkpoint (format 1) holds the model, optimiser and estimator state dicts, every rank's RNG states,
-the data's per-slot reading positions, the schedule's position, the config it was written with and the
-training wall time so far. Files and their atomic writing are neuclip/train/checkpoint.py's business.
+A checkpoint (format 2) holds the model, optimiser and estimator state dicts, every rank's RNG states,
+the data position (neuclip/train/data.py `TrainLoader.state`: the next step, and what the order depends
+on, checked on resume), the schedule's position, the config it was written with and the training wall time
+so far. Format 1 (the earlier slot-based loader, whose order depended on the worker count) is refused with
+a message: its data order cannot be continued. Files and their atomic writing are neuclip/train/checkpoint.py's
+business.
 """
 
 from __future__ import annotations
@@ -12,21 +15,23 @@ from pathlib import Path
 
 from neuclip.train import checkpoint as ckpt
 from neuclip.train.config import ConfigError, identity_diff
-from neuclip.train.data import fresh_position, merged_positions
+from neuclip.train.data import TrainData, resume_point
 from neuclip.train.runtime import Process
 from neuclip.train.setup import Geometry, Parts
+
+FORMAT = 2  # 2: the data entry is TrainLoader.state() (1: per-slot positions of the earlier loader)
 
 
 def save(
     ckpt_dir: Path, step: int, cfg: dict, geo: Geometry, proc: Process, parts: Parts, loader, train_wall_s: float
 ) -> Path | None:
-    """Collective: every rank contributes its RNG and data position; rank 0 writes. Returns the path on rank 0."""
+    """Collective: every rank contributes its RNG and data counts; rank 0 writes. Returns the path on rank 0."""
     rngs = proc.gather(ckpt.rng_state())
-    positions = merged_positions(loader.positions, geo.num_slots)
+    data_state = loader.state()
     path = None
     if proc.rank == 0:
         state = {
-            "format": 1,
+            "format": FORMAT,
             "step": step,
             "epoch": step / geo.steps_per_epoch,
             "config": cfg,
@@ -35,7 +40,7 @@ def save(
             "scheduler": {"step": step, "total_steps": geo.total_steps, "warmup_steps": cfg["train"]["warmup_steps"]},
             "estimator": parts.estimator.state_dict(),
             "rng": rngs,
-            "data": {"num_slots": geo.num_slots, "positions": positions},
+            "data": data_state,
             "world_size": proc.world,
             "train_wall_s": train_wall_s,
         }
@@ -44,26 +49,26 @@ def save(
     return path
 
 
-def load(ckpt_dir: Path, cfg: dict, geo: Geometry, proc: Process, parts: Parts) -> tuple[int, list[dict], float]:
+def load(
+    ckpt_dir: Path, cfg: dict, geo: Geometry, proc: Process, parts: Parts, data: TrainData
+) -> tuple[int, int, float]:
     """Restore the newest readable checkpoint into `parts` and this process's RNGs.
 
-    Returns (step, per-slot data positions, training wall time so far); (0, fresh positions, 0.0) without one.
+    Returns (step, this rank's share of the undecodable-image count, training wall time so far); (0, 0, 0.0)
+    without a checkpoint.
     """
     found = ckpt.load_latest(ckpt_dir)
     if found is None:
-        return 0, [fresh_position() for _ in range(geo.num_slots)], 0.0
+        return 0, 0, 0.0
     path, state = found
     diff = identity_diff(state["config"], cfg)
     if diff:
         raise ConfigError(
             f"checkpoint {path} was written with a different config ({'; '.join(diff)}); use a new run_dir"
         )
-    if state["data"]["num_slots"] != geo.num_slots:
-        raise ConfigError(
-            f"checkpoint {path} read the data with {state['data']['num_slots']} slots (world "
-            f"size x data.workers); this run has {geo.num_slots}: keep world size x "
-            "max(1, data.workers) unchanged to resume"
-        )
+    next_step, bad_decoded = resume_point(state["data"], data, proc.rank, f"checkpoint {path}")
+    if next_step != state["step"]:
+        raise ConfigError(f"checkpoint {path}: its data position (step {next_step}) is not its step {state['step']}")
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.estimator.load_state_dict(state["estimator"])
@@ -78,4 +83,4 @@ def load(ckpt_dir: Path, cfg: dict, geo: Geometry, proc: Process, parts: Parts) 
     ckpt.set_rng_state(rngs[proc.rank] if proc.rank < len(rngs) else rngs[0])
     if proc.rank == 0:
         print(f"neuclip train: resumed from {path} (step {state['step']})", file=sys.stderr, flush=True)
-    return int(state["step"]), [dict(p) for p in state["data"]["positions"]], float(state.get("train_wall_s", 0.0))
+    return int(state["step"]), bad_decoded, float(state.get("train_wall_s", 0.0))

@@ -1,46 +1,45 @@
 """Building a run's parts from its resolved config: the step geometry, the open_clip model with its
-transforms, the estimator, the optimiser, the error tracker and the data loader.
+transforms, the estimator, the optimiser, the error tracker and the data.
 
-`make_loader` is the one place the trainer constructs its data pipeline; what the loop needs from the
-result is `next_batch()`, `bad_counts()`, `positions` (per-slot reading positions, saved in checkpoints)
-and `close()`.
+`make_data` (the shards' usable samples, from their cached index) and `make_loader` are the one place the
+trainer constructs its data pipeline; what the loop needs from the loader is `next_batch()`, `bad_counts()`,
+`state()` (the data position, saved in checkpoints) and `close()`.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from neuclip.error_study.tracking import ErrorTracker, TrackingContext
 from neuclip.train.config import ConfigError
-from neuclip.train.data import Loader, TrainStream
+from neuclip.train.data import DataError, TrainData, TrainLoader
 from neuclip.train.optim import build_optimizer
 from neuclip.train.runtime import Process
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """How the run's samples divide into steps, and the steps into reader slots."""
+    """How the run's samples divide into steps. The data order depends on the global batch alone, so the
+    number of loader workers is free and only the world size must divide the batch."""
 
     batch: int  # train.global_batch_size
-    num_slots: int  # world size x max(1, data.workers): the data's independent reading positions
     steps_per_epoch: int
     total_steps: int
 
     @classmethod
-    def of(cls, cfg: dict, world: int) -> Geometry:
+    def of(cls, cfg: dict, world: int, num_samples: int | None = None) -> Geometry:
+        """`num_samples`: the usable samples in the shards (the trainer's epoch); without it (preflight, before
+        the data exists) data.train_num_samples stands in."""
         t, d = cfg["train"], cfg["data"]
-        batch, workers = t["global_batch_size"], max(1, d["workers"])
-        num_slots = world * workers
-        if batch % num_slots:
-            raise ConfigError(
-                f"train.global_batch_size ({batch}) must be divisible by world size x "
-                f"max(1, data.workers) = {world} x {workers} = {num_slots}"
-            )
-        spe = max(1, d["train_num_samples"] // batch)
+        batch = t["global_batch_size"]
+        if batch % world:
+            raise ConfigError(f"train.global_batch_size ({batch}) must be divisible by the world size ({world})")
+        spe = max(1, (d["train_num_samples"] if num_samples is None else num_samples) // batch)
         total = int(t["max_steps"]) if t["max_steps"] is not None else max(1, round(t["epochs"] * spe))
-        return cls(batch, num_slots, spe, total)
+        return cls(batch, spe, total)
 
 
 @dataclass
@@ -113,23 +112,53 @@ def make_tracker(cfg: dict, parts: Parts, shards: list[str], proc: Process, bf16
     return ErrorTracker(ctx, parts.estimator)
 
 
-def make_loader(cfg: dict, shards: list[str], proc: Process, geo: Geometry, positions: list[dict], parts: Parts):
-    """The training batches of this rank, continuing from `positions` (one per slot)."""
+def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
+    """The usable samples of the shards and their epoch order (collective: each rank first indexes its share
+    of the shards not indexed yet, so a first start does not index every shard on every rank)."""
+    from neuclip.data.shards import ShardError, shard_index
+
+    for shard in shards[proc.rank :: proc.world]:
+        try:
+            shard_index(shard)
+        except ShardError:
+            pass  # reported by the survey below, with the bad-data rules
+    proc.barrier()
     d = cfg["data"]
-    stream = TrainStream(
+    data = TrainData(
         shards,
         seed=cfg["seed"],
-        rank=proc.rank,
-        world_size=proc.world,
-        workers=d["workers"],
-        chunk_size=geo.batch // geo.num_slots,
-        positions=positions,
-        shuffle_buffer=d["shuffle_buffer"],
+        global_batch=cfg["train"]["global_batch_size"],
+        block=d["shuffle_buffer"],
         skip_bad=d["skip_bad"],
+    )
+    if data.max_id >= d["data_size"]:
+        raise DataError(
+            f"the shards hold sample id {data.max_id} >= data.data_size ({d['data_size']}): set data.data_size to "
+            "max id + 1 (the size of per-sample state)"
+        )
+    if proc.rank == 0 and d["train_num_samples"] != data.num_samples:
+        print(
+            f"neuclip train: data.train_num_samples is {d['train_num_samples']} but the shards hold "
+            f"{data.num_samples} usable samples: an epoch is {data.num_samples} samples (from the shards' index)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return data
+
+
+def make_loader(cfg: dict, data: TrainData, proc: Process, start: int, bad_decoded: int, parts: Parts):
+    """This rank's training batches from step `start` on."""
+    return TrainLoader(
+        data,
+        rank=proc.rank,
+        world=proc.world,
+        workers=cfg["data"]["workers"],
+        start=start,
+        bad_decoded=bad_decoded,
         transform=parts.train_transform,
         tokenizer=parts.tokenizer,
+        pin_memory=proc.device.type == "cuda",
     )
-    return Loader(stream, pin_memory=proc.device.type == "cuda")
 
 
 def wrap_ddp(model: torch.nn.Module, proc: Process) -> torch.nn.Module:

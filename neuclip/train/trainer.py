@@ -3,7 +3,7 @@
 The trainer knows nothing method-specific: an *estimator* turns embeddings into a loss. Its parts:
 
     runtime.py    rank and device, the process group, the run-folder lock, preemption signals
-    setup.py      step geometry; model, estimator and optimiser; error tracker; the data loader
+    setup.py      step geometry; model, estimator and optimiser; error tracker; the data and its loader
     step.py       one optimiser step and the divergence check
     resume.py     the trainer's state in a checkpoint and back (checkpoint.py: the files)
     runfiles.py   config.yaml, provenance.json, metrics.jsonl
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from neuclip.error_study.tracking import CURVE_FILE
 from neuclip.train import checkpoint as ckpt
 from neuclip.train import resume
-from neuclip.train.data import expand_shards, merged_positions
+from neuclip.train.data import expand_shards
 from neuclip.train.finish import DONE_FILE, export_model, write_done
 from neuclip.train.runfiles import METRICS_FILE, MetricsLog, last_logged, truncate_log, write_config, write_provenance
 from neuclip.train.runtime import (
@@ -47,7 +47,7 @@ from neuclip.train.runtime import (
     setup_distributed,
     wants_cuda,
 )
-from neuclip.train.setup import Geometry, build_parts, make_loader, make_tracker, wrap_ddp
+from neuclip.train.setup import Geometry, build_parts, make_data, make_loader, make_tracker, wrap_ddp
 from neuclip.train.step import Stepper, TrainingDiverged
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "TrainingDiverged", "train"]
@@ -91,7 +91,7 @@ class _Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.proc = Process(rank, world, pick_device(cfg, local_rank))
         self.precision = precision(cfg, self.proc.device)
-        self.geo = Geometry.of(cfg, world)
+        self.geo = Geometry.of(cfg, world)  # fail fast on the config; the epoch length follows from the data
         self.train_wall_s = 0.0
 
     def run(self) -> dict:
@@ -104,11 +104,13 @@ class _Trainer:
             write_config(self.run_dir, cfg)
         proc.barrier()
 
+        shards = expand_shards(cfg["data"]["train_shards"])
+        data = make_data(cfg, shards, proc)
+        self.geo = Geometry.of(cfg, proc.world, num_samples=data.num_samples)
         seed_everything(cfg["seed"])
         self.parts = build_parts(cfg, self.geo, proc.device)
-        shards = expand_shards(cfg["data"]["train_shards"])
         self.tracker = make_tracker(cfg, self.parts, shards, proc, bf16=self.precision == "bf16")
-        start, positions, self.train_wall_s = resume.load(self.ckpt_dir, cfg, self.geo, proc, self.parts)
+        start, bad_decoded, self.train_wall_s = resume.load(self.ckpt_dir, cfg, self.geo, proc, self.parts, data)
         self.last_saved = start
         if proc.rank == 0:
             for name in (METRICS_FILE, CURVE_FILE):
@@ -121,7 +123,7 @@ class _Trainer:
                 device=proc.device,
                 precision=self.precision,
             )
-        self.loader = make_loader(cfg, shards, proc, self.geo, positions, self.parts)
+        self.loader = make_loader(cfg, data, proc, start, bad_decoded, self.parts)
         try:
             last = self._loop(start, wrap_ddp(self.parts.model, proc))
         finally:
@@ -197,10 +199,7 @@ class _Trainer:
         total = self.geo.total_steps
         if self.last_saved != total:
             self._save(total)
-        bad = {
-            k: sum(p[k] for p in merged_positions(self.loader.positions, self.geo.num_slots))
-            for k in ("bad_samples", "bad_shards")
-        }
+        bad = self.loader.bad_counts()  # collective: every rank's undecodable images
         self.signals.restore()  # from here a signal goes straight to submitit (requeue -> resume -> export)
         done: dict = {}
         if self.proc.rank == 0:
