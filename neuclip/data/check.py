@@ -149,10 +149,6 @@ class Survey:
     problems: list[Problem] = field(default_factory=list)
     max_id: int = -1
 
-    def positions(self, shard: int) -> np.ndarray:
-        u = self.usable[shard]
-        return np.arange(self.samples[shard] or 0) if u is None else u
-
 
 def _expected_counts(path: Path, sizes_cache: dict) -> list[tuple[str, int | None]]:
     """(source, count) pairs the shard should match: sizes.json beside it, and its img2dataset stats."""
@@ -328,9 +324,8 @@ def check_shards(pattern: str, skip_bad: bool = False, need_ids: bool = True) ->
         return report
     decoded: list[Problem] = []
     sv = survey(paths, need_ids, on_index=lambda s, index: decoded.extend(_decode_all(index, str(paths[s]))))
-    report.problems = sorted(
-        sv.problems + decoded, key=lambda p: (sv.shards.index(p.shard), p.key is not None, p.key or "")
-    )
+    order = {shard: s for s, shard in enumerate(sv.shards)}
+    report.problems = sorted(sv.problems + decoded, key=lambda p: (order[p.shard], p.key is not None, p.key or ""))
     for s, shard in enumerate(sv.shards):
         mine = [p for p in report.problems if p.shard == shard]
         whole = [p for p in mine if p.key is None]

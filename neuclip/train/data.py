@@ -120,18 +120,21 @@ class EpochOrder:
 class TrainData:
     """The usable samples of a shard list and the epoch order over them; the epoch length is theirs.
 
-    Raises DataError for a fatal problem, or (without skip_bad) for any bad shard or sample, listing them.
+    Raises DataError for a fatal problem, or (without skip_bad) for any bad shard or sample, listing them;
+    with skip_bad, what is skipped is listed on stderr (`report`: one rank is enough).
     """
 
-    def __init__(self, shards: list[str], *, seed: int, global_batch: int, block: int, skip_bad: bool):
+    def __init__(
+        self, shards: list[str], *, seed: int, global_batch: int, block: int, skip_bad: bool, report: bool = True
+    ):
         self.shards, self.seed, self.B, self.skip_bad = list(shards), seed, global_batch, skip_bad
         sv = survey(self.shards)
         fatal = [p for p in sv.problems if p.fatal]
         if fatal or (sv.problems and not skip_bad):
             raise DataError(_listing(fatal or sv.problems, skippable=not fatal))
-        for p in sv.problems[:20]:
+        for p in sv.problems[:20] if report else []:
             print(f"neuclip data: skipped ({'shard' if p.key is None else 'sample'}): {p.named()}", file=sys.stderr)
-        if len(sv.problems) > 20:
+        if report and len(sv.problems) > 20:
             print(f"neuclip data: ... {len(sv.problems) - 20} more skipped (see `neuclip data check`)", file=sys.stderr)
         self.survey = sv
         self.bad_samples = sum(p.key is not None for p in sv.problems)

@@ -130,6 +130,7 @@ def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
         global_batch=cfg["train"]["global_batch_size"],
         block=d["shuffle_buffer"],
         skip_bad=d["skip_bad"],
+        report=proc.rank == 0,
     )
     if data.max_id >= d["data_size"]:
         raise DataError(
