@@ -1,13 +1,16 @@
-"""Run a training job in this process or through submitit (local, debug or SLURM); thin on purpose.
+"""Run a training job in this process or through submitit (local, debug or SLURM), and wait for it.
 
 The job is `TrainJob(cfg)`: calling it trains (resuming from the run folder's newest checkpoint), and its
 `checkpoint()` hands submitit a *fresh* `TrainJob(cfg)` to requeue (dinov2's pattern): on timeout or
 preemption the trainer first writes its own checkpoint, then submitit requeues, and the next attempt resumes.
 
-The submitted job id goes to RUN/job.json. A rerun of the same config re-attaches to that SLURM job while it
-is alive (checked with `scontrol show job`, which also confirms the job writes into our folder, since ids
-restart on a fresh cluster) instead of submitting a second one. The exit status mirrors the job's, and a
-failed job's remote traceback is printed.
+Before submitting, `launch` reads the run folder (neuclip/jobs.py), not only done.json:
+- a job recorded in RUN/job.json that is still alive is re-attached to instead of submitting a second one;
+- a run whose newest checkpoint is its final step has finished training: it is exported and done.json
+  written here, in this process, with no job. That is what a forced rerun of a finished cell, or Snakemake's
+  rerun-incomplete after it deleted done.json, comes to.
+Then it waits (neuclip/waiter.py): through requeues to the job's final state, and no longer than the
+process that started it lives. SLURM jobs are named after their grid cell (`jobs.job_name`).
 
 Executors are built by class (`submitit.SlurmExecutor`, `LocalExecutor`, `DebugExecutor`): the explicit
 form of `AutoExecutor(cluster=...)`, which would pick SLURM whenever `srun` is on PATH and cannot pass the
@@ -17,29 +20,17 @@ shell-quotes, after config validation has rejected control characters (a newline
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import math
-import os
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ALIVE_STATES = {
-    "PENDING",
-    "RUNNING",
-    "REQUEUED",
-    "REQUEUE_HOLD",
-    "REQUEUE_FED",
-    "CONFIGURING",
-    "COMPLETING",
-    "RESIZING",
-    "SUSPENDED",
-    "STAGE_OUT",
-    "SIGNALING",
-}
+from neuclip.jobs import final_checkpoint, job_name, live_job, write_job_record
+from neuclip.waiter import wait
+
+__all__ = ["TrainJob", "launch", "make_executor", "submit", "wait"]
 
 
 class TrainJob:
@@ -56,9 +47,7 @@ class TrainJob:
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK; each rank picks GPU local_rank itself.
-            submitit.helpers.TorchDistributedEnvironment().export(
-                set_cuda_visible_devices=False, overwrite=True
-            )
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         try:
             return train(self.cfg)
         except Preempted:
@@ -72,8 +61,7 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
 
 
-def _job_name(cfg: dict) -> str:
-    return "neuclip-" + re.sub(r"[^A-Za-z0-9_.-]", "_", Path(cfg["run_dir"]).name)[:60]
+# -- executors --------------------------------------------------------------------------------------------
 
 
 def make_executor(cfg: dict):
@@ -104,7 +92,7 @@ def make_executor(cfg: dict):
     if kind == "slurm":
         ex = submitit.SlurmExecutor(folder, max_num_timeout=max_timeouts)
         params = {
-            "job_name": _job_name(cfg),
+            "job_name": job_name(cfg),
             "nodes": la["nodes"],
             "ntasks_per_node": tasks,
             "time": int(math.ceil(la["timeout_min"] or 60)),
@@ -128,137 +116,80 @@ def make_executor(cfg: dict):
     raise ValueError(f"launcher.executor {kind!r} is not a submitit executor")
 
 
-def _write_job_record(run_dir: Path, record: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "job.json"
-    tmp = path.with_name(f".job.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+# -- submitting, finishing, waiting -----------------------------------------------------------------------
 
 
-def _scontrol_job(job_id: str) -> dict | None:
-    """`scontrol show job -o ID` as a dict, or None if SLURM does not know the job (any more)."""
-    if not re.fullmatch(r"\d+(_\d+)?", job_id):
-        return None
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0 or not out.stdout.strip():
-        return None
-    fields = {}
-    for token in out.stdout.split():
-        if "=" in token:
-            key, value = token.split("=", 1)
-            fields.setdefault(key, value)
-    return fields
-
-
-def alive_slurm_job(run_dir: Path):
-    """The SLURM job recorded in RUN/job.json if it is still queued or running *for this run*, else None."""
-    path = run_dir / "job.json"
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    if record.get("executor") != "slurm":
-        return None
-    job_id = str(record.get("job_id", ""))
-    info = _scontrol_job(job_id)
-    if not info:
-        return None
-    state = info.get("JobState", "").split("+")[0]
-    folder = Path(record["folder"])
-    stdout = info.get("StdOut", "")
-    if state not in ALIVE_STATES or not stdout.startswith(str(folder.parent)):
-        return None
-    import submitit
-
-    return submitit.SlurmJob(folder=folder, job_id=job_id)
-
-
-def _local_job_alive(run_dir: Path) -> int | None:
-    """The pid of a local-executor controller recorded in RUN/job.json that still runs, else None."""
-    path = run_dir / "job.json"
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    if record.get("executor") != "local":
-        return None
-    try:
-        pid = int(record["job_id"])
-        for _ in range(20):  # a process that is still exec-ing shows an empty command line for a moment
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
-                return None  # exited, not yet reaped
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if cmdline:
-                break
-            time.sleep(0.05)
-    except (KeyError, ValueError, IndexError, OSError):
-        return None
-    return pid if b"submitit" in cmdline else None
+def _reattached(job, run_dir: Path):
+    print(f"neuclip train: re-attaching to job {job.job_id} (still alive) for {run_dir}", file=sys.stderr, flush=True)
+    return job
 
 
 def submit(cfg: dict):
-    """Submit (or re-attach to) the job for `cfg`; returns the submitit Job."""
+    """Re-attach to the run's live job, or submit a new one; returns the submitit Job."""
+    job = live_job(cfg) if cfg["launcher"]["executor"] != "debug" else None
+    return _reattached(job, Path(cfg["run_dir"])) if job is not None else _submit_new(cfg)
+
+
+def _submit_new(cfg: dict):
     run_dir = Path(cfg["run_dir"])
     kind = cfg["launcher"]["executor"]
-    if kind == "slurm":
-        job = alive_slurm_job(run_dir)
-        if job is not None:
-            print(
-                f"neuclip train: re-attaching to SLURM job {job.job_id} (still alive) for {run_dir}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return job
-    if kind == "local":
-        pid = _local_job_alive(run_dir)
-        if pid is not None:
-            raise RuntimeError(
-                f"a local submitit job (controller pid {pid}) is still running {run_dir}; wait for "
-                "it or stop it first"
-            )
     executor = make_executor(cfg)
     job = executor.submit(TrainJob(cfg))
     if kind != "debug":
-        _write_job_record(
+        name = job_name(cfg)
+        write_job_record(
             run_dir,
             {
                 "executor": kind,
                 "job_id": str(job.job_id),
+                "job_name": name,
                 "folder": str(executor.folder),
                 "submitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "argv": sys.argv,
             },
         )
         print(
-            f"neuclip train: submitted {kind} job {job.job_id}; logs in {job.paths.folder}",
+            f"neuclip train: submitted {kind} job {job.job_id} ({name}); logs in {job.paths.folder}",
             file=sys.stderr,
             flush=True,
         )
     return job
 
 
-def wait(job) -> int:
-    """Wait for `job`; 0 on success, 1 with the remote traceback on failure."""
-    from submitit.core.utils import FailedJobError, UncompletedJobError
+def _finish_here(cfg: dict) -> int | None:
+    """If training is complete (final checkpoint), export the run in this process and return 0, else None.
 
-    try:
-        done = job.result()
-    except FailedJobError as err:
-        print(f"neuclip train: job {job.job_id} failed:\n{err}", file=sys.stderr, flush=True)
-        return 1
-    except UncompletedJobError as err:
+    The trainer does it: it resumes at the final step, takes no step, exports and writes done.json.
+    """
+    final = final_checkpoint(cfg)
+    if final is None:
+        return None
+    slots = max(1, int(cfg["data"]["workers"] or 0))  # the trainer's world size x max(1, workers), world 1 here
+    run_dir = Path(cfg["run_dir"])
+    if final["num_slots"] != slots:
+        # The trainer resumes a checkpoint only with the number of data slots it was read with, even at the
+        # final step, so a run trained on several ranks is finished by a (short) job of its own.
         print(
-            f"neuclip train: job {job.job_id} ended without a result (killed, out of memory, node lost or "
-            f"out of requeues):\n{err}\nlogs: {job.paths.stderr}",
+            f"neuclip train: {run_dir} finished training on {final['num_slots']} data slots; this process "
+            f"has {slots}, so a job is submitted to export it",
             file=sys.stderr,
             flush=True,
         )
-        return 1
-    print(json.dumps(done), flush=True)
+        return None
+    print(
+        f"neuclip train: {run_dir} finished training ({final['path'].name} is the final step); exporting it "
+        "here, without submitting a job",
+        file=sys.stderr,
+        flush=True,
+    )
+    import torch
+
+    from neuclip.train.trainer import train
+
+    local = copy.deepcopy(cfg)
+    if local["train"]["device"] == "cuda" and not torch.cuda.is_available():
+        local["train"]["device"] = "cpu"  # no step is taken: the export does not need the GPU
+    print(json.dumps(train(local)), flush=True)
     return 0
 
 
@@ -270,17 +201,25 @@ def launch(cfg: dict, *, detach: bool = False) -> int:
     if (run_dir / "done.json").exists():
         print(f"neuclip train: {run_dir} is already done (done.json); nothing to do", file=sys.stderr)
         return 0
-    if cfg["launcher"]["executor"] == "inprocess":
+    kind = cfg["launcher"]["executor"]
+    if kind == "inprocess":
         try:
             done = train(cfg)
         except Preempted:
             return EXIT_PREEMPTED
         print(json.dumps(done), flush=True)
         return 0
-    if cfg["launcher"]["executor"] == "debug":
-        detach = False  # the debug executor runs the job inside job.result()
-    job = submit(cfg)
+    if kind == "debug":
+        return wait(_submit_new(cfg))  # the debug executor runs the job inside job.result()
+    job = live_job(cfg)
+    if job is not None:
+        job = _reattached(job, run_dir)
+    else:
+        status = _finish_here(cfg)
+        if status is not None:
+            return status
+        job = _submit_new(cfg)
     if detach:
         print(job.job_id, flush=True)
         return 0
-    return wait(job)
+    return wait(job, run_dir)

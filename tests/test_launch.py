@@ -1,12 +1,16 @@
-"""The launcher: submitit local timeout -> checkpoint -> requeue -> resume; SLURM re-attach; sbatch safety."""
+"""The launcher: submitit local timeout -> checkpoint -> requeue -> resume, followed by a re-attached waiter;
+a finished run recognised from its folder; a waiter that dies with its driver; job names; SLURM re-attach;
+sbatch safety."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +30,7 @@ def _shards(data: Path) -> str:
 
 
 @pytest.mark.slow
-def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_data, tmp_path):
+def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_data, tmp_path, capsys):
     from neuclip import launch
 
     steps = 60
@@ -50,8 +54,11 @@ def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_da
     job = launch.submit(cfg)
     record = json.loads((run_dir / "job.json").read_text())
     assert record["executor"] == "local" and record["job_id"] == str(job.job_id)
-    with pytest.raises(RuntimeError, match="still running"):
-        launch.submit(cfg)  # no second job on the same run folder
+    again = launch.submit(cfg)  # no second job on the same run folder: the live one is re-attached to
+    assert again.job_id == job.job_id and again._process is None
+    waited = {}  # the re-attached waiter (no process handle: it watches the controller's pid) follows the restart
+    waiter = threading.Thread(target=lambda: waited.update(rc=launch.wait(again)))
+    waiter.start()
     # The uninterrupted reference, meanwhile on the other core.
     ref = tiny_config(tmp_path / "ref", _shards(synth_data), **extra)
     ref_proc = subprocess.Popen(
@@ -62,13 +69,15 @@ def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_da
         text=True,
     )
     interrupted = False
-    while not job.done():
+    while waiter.is_alive():
         attempts = run_attempts(run_dir)
         if not interrupted and len(attempts) == 1 and last_logged_step(run_dir) >= steps // 3:
             os.kill(attempts[0]["pid"], signal.SIGUSR2)  # what the controller sends its tasks at the limit
             interrupted = True
         time.sleep(0.2)
-    assert launch.wait(job) == 0, "see the job's logs in " + str(job.paths.folder)
+    waiter.join()
+    assert waited["rc"] == 0, "see the job's logs in " + str(job.paths.folder)
+    assert "attempt 1 was preempted or timed out" in capsys.readouterr().err
     assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
     ref_proc.stderr.close()
 
@@ -80,6 +89,103 @@ def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_da
         assert tensors_equal(a[part], b[part]) == [], part
     assert (run_dir / "done.json").exists()
     assert launch.launch(cfg) == 0  # done: nothing is submitted again
+
+
+def test_a_finished_run_is_recognised_from_its_folder_and_exported_here(synth_data, tmp_path, monkeypatch, capsys):
+    from neuclip import jobs, launch
+    from neuclip.train.trainer import train
+
+    extra = {"train.max_steps": 4, "train.checkpoint_every": 2, "launcher.executor": "local"}
+    cfg = tiny_config(tmp_path / "run", _shards(synth_data), **extra)
+    run_dir = Path(cfg["run_dir"])
+    train(cfg)
+    first = json.loads((run_dir / "done.json").read_text())
+    weights = (run_dir / "model" / "open_clip_model.safetensors").read_bytes()
+    # What a forced rerun, or Snakemake's rerun-incomplete after the driver died, leaves: no done.json (and
+    # here no export either, as if the job was killed while exporting).
+    (run_dir / "done.json").unlink()
+    (run_dir / "model" / "open_clip_model.safetensors").unlink()
+    monkeypatch.setattr(launch, "make_executor", lambda cfg: pytest.fail("submitted a job for a finished run"))
+    assert launch.launch(cfg) == 0
+    assert "exporting it here, without submitting a job" in capsys.readouterr().err
+    again = json.loads((run_dir / "done.json").read_text())
+    assert (again["steps"], again["final_tau"], again["final_loss"]) == (4, first["final_tau"], first["final_loss"])
+    assert (run_dir / "model" / "open_clip_model.safetensors").read_bytes() == weights
+    assert not (run_dir / "job.json").exists()
+
+    # a run whose newest checkpoint is not its last step is not finished
+    (run_dir / "done.json").unlink()
+    ckpt.checkpoint_path(run_dir / "checkpoints", 4).unlink()
+    assert ckpt.list_checkpoints(run_dir / "checkpoints")[-1][0] == 2 and jobs.final_checkpoint(cfg) is None
+
+
+def test_a_waiter_stops_with_its_driver_and_the_job_goes_on(tmp_path):
+    """Driver -> shell -> waiter, as Snakemake -> bash -> `neuclip train`: SIGKILL the driver, and the waiter
+    (orphaned below a surviving shell) stops by itself while the job runs on, for a later re-attach."""
+    import submitit
+
+    from neuclip.waiter import EXIT_DRIVER_GONE
+
+    run_dir = tmp_path / "run"
+    ex = submitit.LocalExecutor(run_dir / "submitit" / "local" / "%j")
+    ex.update_parameters(timeout_min=5)
+    job = ex.submit(time.sleep, 120)  # a real local job; what it runs does not matter to the waiter
+    code = (
+        "import sys, submitit; from neuclip.waiter import wait; print('waiting', file=sys.stderr, flush=True); "
+        "sys.exit(wait(submitit.LocalJob(sys.argv[1], sys.argv[2]), sys.argv[3]))"
+    )
+    err, rc = tmp_path / "waiter.err", tmp_path / "waiter.rc"
+    args = " ".join(shlex.quote(str(a)) for a in (sys.executable, "-c", code, ex.folder, job.job_id, run_dir))
+    shell = f"{args} 2> {shlex.quote(str(err))}; echo $? > {shlex.quote(str(rc))}"
+    spawn = "import subprocess, sys, time; subprocess.Popen(['bash', '-c', sys.argv[1]]); time.sleep(300)"
+    driver = subprocess.Popen([sys.executable, "-c", spawn, shell], cwd=REPO)
+    try:
+        deadline = time.time() + 60
+        while "waiting" not in (err.read_text() if err.exists() else ""):
+            assert time.time() < deadline, "the waiter did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)  # let it record its ancestors and poll once
+        driver.kill()
+        driver.wait()
+        deadline = time.time() + 15
+        while not rc.exists() or not rc.read_text().strip():
+            assert time.time() < deadline, "the waiter outlived its driver"
+            time.sleep(0.1)
+        assert int(rc.read_text()) == EXIT_DRIVER_GONE, err.read_text()
+        assert "has exited, so this waiter stops too" in err.read_text()
+        assert not job.done()  # the job itself goes on
+    finally:
+        driver.kill()
+        job.cancel()  # SIGINT to the controller, which then kills its task (it prints a KeyboardInterrupt)
+        job._process.wait(timeout=60)
+
+
+def test_job_names_carry_the_cell_and_are_unique_per_grid(tmp_path):
+    import yaml
+
+    from neuclip import workflow as wf
+    from neuclip.jobs import NAME_MAX, job_name
+
+    for path in sorted((REPO / "workflows" / "configs").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        seen = {}
+        for run in wf.runs(config):
+            name = job_name(wf.train_config(config, run))
+            assert seen.setdefault(name, run) == run, f"{path.name}: {run} and {seen[name]} are both {name}"
+            labels = [config["experiment"], run.dataset, run.method, f"s{run.seed}"]
+            labels += [run.variant] if run.variant != "default" else []
+            assert len(name) <= NAME_MAX and all(label in name.split(".") for label in labels), (name, run)
+    tiny = {"experiment": "tiny", "dataset": "synthetic", "method": "fastclip", "variant": "default", "seed": 0}
+    assert job_name({"run_dir": "x", "meta": tiny}) == "tiny.synthetic.fastclip.s0"
+    # shortened or cleaned names keep the cell apart with a hash of it
+    cell = {"experiment": "e" * 40, "dataset": "d" * 30, "method": "neuclip", "seed": 0}
+    long = [job_name({"run_dir": "x", "meta": {**cell, "variant": "v" * 30 + end}}) for end in "12"]
+    assert long[0] != long[1] and all(len(n) <= NAME_MAX for n in long)
+    dotted = [job_name({"run_dir": "x", "meta": {**cell, "experiment": e}}) for e in ("a.b", "a-b")]
+    assert dotted[0] != dotted[1]
+    # a run started by hand is named after its folder, kept apart from another folder of the same name
+    by_hand = [job_name({"run_dir": str(tmp_path / p / "seed0"), "meta": {}}) for p in "ab"]
+    assert by_hand[0] != by_hand[1] and all(n.startswith("neuclip.") and ".seed0." in n for n in by_hand)
 
 
 def test_debug_executor_runs_the_job_in_process(synth_data, tmp_path):
@@ -157,14 +263,14 @@ def test_control_characters_never_reach_sbatch(override):
 
 
 def test_rerun_reattaches_to_a_live_slurm_job(synth_data, tmp_path, monkeypatch):
-    from neuclip import launch
+    from neuclip import jobs, launch
 
     cfg = _slurm_cfg(tmp_path, synth_data)
     run_dir = Path(cfg["run_dir"])
     folder = run_dir / "submitit" / "slurm" / "%j"
-    launch._write_job_record(run_dir, {"executor": "slurm", "job_id": "4242", "folder": str(folder)})
+    jobs.write_job_record(run_dir, {"executor": "slurm", "job_id": "4242", "folder": str(folder)})
     state = {"JobState": "RUNNING", "StdOut": str(run_dir / "submitit" / "slurm" / "4242" / "4242_0_log.out")}
-    monkeypatch.setattr(launch, "_scontrol_job", lambda job_id: dict(state) if job_id == "4242" else None)
+    monkeypatch.setattr(jobs, "scontrol_job", lambda job_id: dict(state) if job_id == "4242" else None)
     monkeypatch.setattr(launch, "make_executor", lambda cfg: pytest.fail("submitted a second job"))
     job = launch.submit(cfg)
     assert job.job_id == "4242"
@@ -172,7 +278,7 @@ def test_rerun_reattaches_to_a_live_slurm_job(synth_data, tmp_path, monkeypatch)
     # a finished job, or a live job of another run (ids restart on a fresh cluster), is not re-attached
     for change in ({"JobState": "COMPLETED"}, {"StdOut": "/elsewhere/4242_0_log.out"}):
         state.update(change)
-        assert launch.alive_slurm_job(run_dir) is None
+        assert jobs.alive_slurm_job(run_dir) is None
         state.update(JobState="RUNNING", StdOut=str(run_dir / "submitit" / "slurm" / "4242" / "x.out"))
 
 

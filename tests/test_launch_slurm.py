@@ -1,14 +1,22 @@
-"""The launcher on the real single-machine SLURM test cluster (slurm/testcluster/): submit, re-attach on a
-rerun, preemption signal -> checkpoint -> `scontrol requeue` -> resume -> the uninterrupted result.
+"""The launcher on the real single-machine SLURM test cluster (slurm/testcluster/).
 
-Uses a running cluster (`.ci/run` starts one; or `slurm/testcluster/start.sh`) and skips otherwise.
+1. A waiting `neuclip train` follows its job through both kinds of requeue, submitit's own (USR2, as before a
+   time limit) and SLURM's (`scontrol requeue`: SIGTERM, the trainer's Preempted, an error result), and
+   succeeds; the run resumes to the uninterrupted result; the job carries its cell's name.
+2. The driver is SIGKILLed while one cell has just finished and another still runs: its waiters stop with it;
+   after a restart the finished cell is exported in-process and the live one re-attached to, with no second
+   SLURM job for either.
+
+Uses a running cluster (`.ci/run` starts one; or `slurm/testcluster/start.sh`) or starts one itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,12 +24,13 @@ import pytest
 import torch
 
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import last_logged_step, run_attempts, tensors_equal, tiny_config
+from neuclip.train.testing import last_logged_step, run_attempts, tensors_equal, tiny_config, write_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-STATE_DIR = Path(os.environ.get("NEUCLIP_SLURM_DIR", "/tmp/neuclip-slurm"))
+# The accounting database outlives test sessions: a per-session experiment label keeps job names apart.
+EXPERIMENT = f"t{os.getpid()}"
 
 
 @pytest.fixture(scope="module")
@@ -29,51 +38,189 @@ def slurm_env(slurm_cluster):
     return slurm_cluster
 
 
-def test_slurm_job_reattaches_requeues_on_preemption_and_resumes(slurm_env, synth_data, tmp_path):
-    from neuclip import launch
-    from neuclip.train.trainer import train
-
-    shards = str(synth_data / "train" / "{00000..00002}.tar")
-    steps = 60
-    extra = {"train.max_steps": steps, "train.checkpoint_every": 1000, "train.log_every": 2}
-    cfg = tiny_config(
-        tmp_path / "job",
-        shards,
-        **extra,
+def _cell(tmp_path: Path, synth_data: Path, name: str, steps: int, seed: int = 0) -> dict:
+    """A tiny SLURM run labelled as one grid cell (the workflow fills `meta` the same way)."""
+    meta = {"experiment": EXPERIMENT, "dataset": "synthetic", "method": "fastclip", "variant": name, "seed": seed}
+    return tiny_config(
+        tmp_path / name,
+        str(synth_data / "train" / "{00000..00002}.tar"),
         **{
+            "train.max_steps": steps,
+            "train.checkpoint_every": 1000,
+            "train.log_every": 2,
             "launcher.executor": "slurm",
             "launcher.site": str(REPO / "slurm" / "site.yaml"),
             "launcher.timeout_min": 10,
             "launcher.gpus_per_node": 0,
+            "meta": meta,
         },
     )
-    run_dir = Path(cfg["run_dir"])
-    job = launch.submit(cfg)
-    again = launch.submit(cfg)  # a rerun while the job lives re-attaches instead of submitting a second one
-    assert again.job_id == job.job_id
-    assert json.loads((run_dir / "job.json").read_text())["job_id"] == job.job_id
 
-    ref = tiny_config(tmp_path / "ref", shards, **extra)
-    train(ref)  # the uninterrupted reference, meanwhile
 
-    deadline = time.time() + 240
-    while len(run_attempts(run_dir)) < 1 or last_logged_step(run_dir) < steps // 3:
-        assert time.time() < deadline, "the SLURM job did not start training"
-        assert not (run_dir / "done.json").exists(), "finished before it could be preempted"
+def _job_id(run_dir: Path, timeout: float = 120) -> str:
+    deadline = time.time() + timeout
+    while not (run_dir / "job.json").exists():
+        assert time.time() < deadline, f"no job.json in {run_dir}"
         time.sleep(0.2)
-    # What SLURM sends before a time limit or a preemption (--signal=USR2@...), to the job's tasks.
-    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True, timeout=30)
-    assert launch.wait(again) == 0, f"see {job.paths.folder}"
+    return json.loads((run_dir / "job.json").read_text())["job_id"]
 
+
+def _until(what: str, cond, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, what
+        time.sleep(0.2)
+
+
+def _sacct_names(job_ids) -> dict[str, str]:
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "JobID,JobName", *[f"-j{j}" for j in job_ids]],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return dict(line.split("|", 1) for line in out.split())
+
+
+def _jobs_named(name: str) -> list[str]:
+    """Every SLURM job (any state, from the accounting database) carrying `name`."""
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-a", "-S", "now-1hour", "-o", "JobID", f"--name={name}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return out.split()
+
+
+def _train_cli(cfg_path: Path, err: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "neuclip.cli", "train", str(cfg_path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=open(err, "w"),  # noqa: SIM115 - the child owns it
+    )
+
+
+def test_a_waiting_launcher_follows_both_requeues_to_success(slurm_env, synth_data, tmp_path):
+    from neuclip import launch
+    from neuclip.jobs import job_name
+    from neuclip.train.trainer import train
+
+    steps = 120
+    cfg = _cell(tmp_path, synth_data, "requeue", steps)
+    run_dir = Path(cfg["run_dir"])
+    err = tmp_path / "waiter.err"
+    waiter = _train_cli(write_config(tmp_path / "requeue.yaml", cfg), err)
+    job_id = _job_id(run_dir)
+    assert launch.submit(cfg).job_id == job_id  # a second launch re-attaches instead of submitting again
+
+    def at(attempt: int, steps_in: int):
+        def ready():
+            attempts = run_attempts(run_dir)
+            start = attempts[-1]["resumed_from_step"] if attempts else 0
+            return len(attempts) == attempt and last_logged_step(run_dir) >= start + steps_in
+
+        return ready
+
+    _until("attempt 1 did not start training", at(1, 20))
+    # What SLURM sends before a time limit (--signal=USR2@...): the trainer checkpoints, submitit requeues.
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    _until("attempt 2 did not get going", at(2, 10))
+    # SLURM's own requeue (preemption, an admin): SIGTERM, the trainer checkpoints and raises Preempted.
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    ref = _cell(tmp_path, synth_data, "ref", steps)
+    ref["launcher"]["executor"] = "inprocess"
+    train(ref)  # the uninterrupted reference, meanwhile
+    assert waiter.wait(timeout=300) == 0, err.read_text()[-3000:]
+
+    log = err.read_text()
+    assert "attempt 1 was preempted or timed out (stopped by a signal)" in log, log
+    assert "attempt 2 was preempted or timed out (" in log and "Preempted: stopped by SIGTERM" in log, log
     attempts = run_attempts(run_dir)
-    assert len(attempts) >= 2 and attempts[-1]["resumed_from_step"] > 0, attempts
-    assert all(a["slurm_job_id"] == str(job.job_id) for a in attempts)  # requeued, not resubmitted
+    assert len(attempts) == 3 and all(a["slurm_job_id"] == job_id for a in attempts), attempts
+    assert 20 <= attempts[1]["resumed_from_step"] < attempts[2]["resumed_from_step"] < steps, attempts
     a = torch.load(ckpt.checkpoint_path(Path(ref["run_dir"]) / "checkpoints", steps), weights_only=True)
     b = torch.load(ckpt.checkpoint_path(run_dir / "checkpoints", steps), weights_only=True)
     for part in ("model", "estimator", "optimizer", "data"):
         assert tensors_equal(a[part], b[part]) == [], part
-    deadline = time.time() + 60  # the result is written just before the task exits: let SLURM catch up
-    while launch.alive_slurm_job(run_dir) is not None:  # finished: a rerun does not re-attach
-        assert time.time() < deadline, "the finished job still looks alive to scontrol"
-        time.sleep(0.5)
+    assert _sacct_names([job_id]) == {job_id: job_name(cfg)} == {job_id: f"{EXPERIMENT}.synthetic.fastclip.requeue.s0"}
     assert launch.launch(cfg) == 0  # done.json: nothing is submitted
+
+
+def test_a_killed_driver_leaves_no_waiters_and_a_restart_submits_no_second_job(slurm_env, synth_data, tmp_path):
+    from neuclip.jobs import job_name
+
+    done_cfg, live_cfg = _cell(tmp_path, synth_data, "short", 8), _cell(tmp_path, synth_data, "long", 200, seed=1)
+    names = [job_name(done_cfg), job_name(live_cfg)]
+    assert names[0] != names[1]
+    paths = [write_config(tmp_path / f"{n}.yaml", c) for n, c in (("short", done_cfg), ("long", live_cfg))]
+    done_dir, live_dir = Path(done_cfg["run_dir"]), Path(live_cfg["run_dir"])
+    # The driver runs each cell as Snakemake does: a shell that runs `neuclip train` (and does not exec it).
+    shells = [
+        f"{shlex.quote(sys.executable)} -m neuclip.cli train {shlex.quote(str(p))} 2> {shlex.quote(str(p))}.err; true"
+        for p in paths
+    ]
+    spawn = (
+        "import subprocess, sys, time\n"
+        "for cmd in sys.argv[1:]: print(subprocess.Popen(['bash', '-c', cmd]).pid, flush=True)\n"
+        "time.sleep(600)"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", spawn, *shells], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    shell_pids = [int(driver.stdout.readline()) for _ in shells]
+    live_id = _job_id(live_dir)
+    try:
+        _until("the short cell did not finish", lambda: (done_dir / "done.json").exists())
+        _until("the long cell did not start training", lambda: last_logged_step(live_dir) >= 2)
+        # Hold the long cell (SUSPENDED is alive) so that it is still running when the driver is back.
+        subprocess.run(["scontrol", "suspend", live_id], check=True, timeout=30)
+        waiters = _children(shell_pids)  # the short cell's waiter may have seen its success and exited already
+        assert waiters, "no `neuclip train` waiter under the driver's shells"
+        driver.kill()
+        driver.wait()
+        _until("a waiter outlived its driver", lambda: not any(_running(p) for p in waiters), timeout=30)
+
+        (done_dir / "done.json").unlink()  # what Snakemake's rerun-incomplete does to a job it lost track of
+        done_ids = _jobs_named(names[0])
+        restart = subprocess.run(
+            [sys.executable, "-m", "neuclip.cli", "train", str(paths[0])], cwd=REPO, capture_output=True, text=True
+        )
+        assert restart.returncode == 0, restart.stderr[-3000:]
+        assert "exporting it here, without submitting a job" in restart.stderr, restart.stderr
+        assert (done_dir / "done.json").exists() and (done_dir / "model").is_dir()
+        assert _jobs_named(names[0]) == done_ids and len(done_ids) == 1
+
+        err = tmp_path / "long-restart.err"
+        again = _train_cli(paths[1], err)
+        _until("the restarted launcher did not re-attach", lambda: "re-attaching" in err.read_text(), timeout=120)
+        subprocess.run(["scontrol", "resume", live_id], check=True, timeout=30)
+        assert again.wait(timeout=300) == 0, err.read_text()[-3000:]
+        assert f"re-attaching to job {live_id}" in err.read_text()
+        assert _jobs_named(names[1]) == [live_id]
+        assert json.loads((live_dir / "done.json").read_text())["steps"] == 200
+    finally:
+        driver.kill()
+        subprocess.run(["scancel", live_id], timeout=30)
+
+
+def _children(pids: list[int]) -> list[int]:
+    """The processes whose parent is one of `pids`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid in pids:
+                out.append(int(entry.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
