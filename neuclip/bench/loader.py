@@ -15,6 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from neuclip.bench.common import command_line, machine_line, write_section
@@ -32,7 +33,7 @@ def add_arguments(parser) -> None:
 def _shards(work: Path, name: str, num: int, image_size: int, shard_size: int) -> list[str]:
     from neuclip.data.synth import synthesize
 
-    out = work / name
+    out = work / f"{name}-{num}-{shard_size}"  # reused only for the same sizes
     if not (out / "manifest.json").exists():
         synthesize(out, num_train=num, num_eval=8, seed=0, shard_size=shard_size, image_size=image_size)
     return sorted(str(p) for p in (out / "train").glob("*.tar"))
@@ -87,7 +88,7 @@ def _throughput(make, batch) -> float:
 
 
 def _stages(shards, transform, tokenizer, fast) -> dict[str, float]:
-    """ms per sample of each stage, on the first 256 samples of the first shard."""
+    """ms per sample of each stage (best of 3 passes), on the first 256 samples of the first shard."""
     from neuclip.data.check import open_image
     from neuclip.data.shards import iter_samples
 
@@ -101,19 +102,29 @@ def _stages(shards, transform, tokenizer, fast) -> dict[str, float]:
             fn(x)
         return 1e3 * (time.perf_counter() - t0) / len(items)
 
-    return {
-        "read + decode (PIL, with verify)": per_sample(lambda s: open_image(s["jpg"], "jpg"), samples),
-        "augment, open_clip's transform (PIL bicubic)": per_sample(transform, images),
-        "augment, ours (torch uint8 bicubic + normalise)": per_sample(fast, images),
-        "  of which crop + resize": per_sample(fast.crop, images),
-        "tokenise (batched)": 1e3 * _time(lambda: tokenizer(texts)) / len(texts),
+    def float_crop(image):  # the same crop, resized in float32 instead of uint8
+        from torchvision.transforms import RandomResizedCrop
+
+        i, j, h, w = RandomResizedCrop.get_params(image, fast.scale, fast.ratio)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[:, i : i + h, j : j + w].float()
+        return torch.nn.functional.interpolate(x.unsqueeze(0), fast.size, mode="bicubic", antialias=True)
+
+    rrc = transform.transforms[0]  # open_clip's RandomResizedCrop (PIL: crop, then bicubic resize of the crop)
+    stages = {
+        "read + decode (PIL; verify only where it checks, i.e. PNG)": (lambda s: open_image(s["jpg"], "jpg"), samples),
+        "open_clip's whole train transform (PIL)": (transform, images),
+        "ours, whole (torch uint8 crop + resize, fused normalise)": (fast, images),
+        "crop + resize only: PIL bicubic (open_clip's RandomResizedCrop)": (rrc, images),
+        "crop + resize only: torch float32 bicubic antialias": (float_crop, images),
+        "crop + resize only: torch uint8 bicubic antialias (ours)": (fast.crop, images),
+        "tokenise (batched)": (lambda _: tokenizer(texts), [None]),
     }
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    best = {name: float("inf") for name in stages}
+    for _ in range(3):  # rounds over all stages, best of each: drift on a shared machine hits all alike
+        for name, (fn, items) in stages.items():
+            best[name] = min(best[name], per_sample(fn, items))
+    best["tokenise (batched)"] /= len(texts)
+    return best
 
 
 def _resume(shards, batch) -> list[tuple[str, float, float]]:
@@ -134,6 +145,38 @@ def _resume(shards, batch) -> list[tuple[str, float, float]]:
         TrainLoader(data, start=step).next_batch()
         rows.append((f"{label} (step {step})", t1 - t0, time.perf_counter() - t1))
     return rows
+
+
+def _scale() -> list[tuple[str, str]]:
+    """The order's costs at DFN-1B size (1.4e9 samples in 140,000 shards of 10,000), without the data."""
+    from neuclip.data.check import _Seen
+    from neuclip.train.data import EpochOrder, random_order
+
+    ids = np.random.default_rng(0).permutation(10_000_000).astype(np.int64)
+    seen, t0 = _Seen(), time.perf_counter()
+    for k in range(1000):
+        seen.test_and_set(ids[k * 10_000 : (k + 1) * 10_000])
+    per_id = (time.perf_counter() - t0) / len(ids)
+    t0 = time.perf_counter()
+    random_order(1 << 20, 0, "block", 0, 0)
+    block = time.perf_counter() - t0
+    order = EpochOrder(np.full(140_000, 10_000), seed=0, block=1 << 20)
+    t0 = time.perf_counter()
+    order.locate(3, 700_000_000, 700_001_024)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    order.locate(3, 700_001_024, 700_002_048)
+    again = time.perf_counter() - t0
+    return [
+        (
+            "duplicate-id check (bitmap, 1 bit per id: 175 MB at 1.4e9)",
+            f"{per_id * 1e9:.0f} ns per id, "
+            f"so {per_id * 1.4e9 / 60:.1f} min per start at 1.4e9 (measured on 1e7 ids in 1,000 shards)",
+        ),
+        ("one block's permutation (2^20 samples, 8 MB)", f"{block:.3f} s, once per block per process"),
+        ("positions of a 1024-sample batch, epoch 3 of 1.4e9 (shard order + block)", f"{first:.3f} s"),
+        ("the next batch in the same block", f"{again * 1e3:.2f} ms"),
+    ]
 
 
 def run(args) -> int:
@@ -173,6 +216,7 @@ def run(args) -> int:
     survey(resume_shards)
     build = time.perf_counter() - t0
     resume = _resume(resume_shards, 256)
+    resume_n = int(survey(resume_shards).counts.sum())
 
     base = best["open_clip_train.data.get_wds_dataset"]
     lines = [
@@ -192,7 +236,7 @@ def run(args) -> int:
     lines += [f"| {name} | {ms:.3f} |" for name, ms in stages.items()]
     lines += [
         "",
-        f"Resume: {args.resume_samples} samples (32 px) in {len(resume_shards)} shards of 4096, global batch 256. "
+        f"Resume: {resume_n} samples (32 px) in {len(resume_shards)} shards of 4096, global batch 256. "
         f"Indexing them cold (tar headers plus .txt/.json, once, then cached): {build:.2f} s. Each row builds the "
         "data view from the cached index (survey), then a loader at that step and its first batch:",
         "",
@@ -200,6 +244,20 @@ def run(args) -> int:
         "|---|---:|---:|",
     ]
     lines += [f"| {label} | {a:.3f} | {b:.3f} |" for label, a, b in resume]
+    lines += ["", "The order at DFN-1B size (no data: 140,000 shards of 10,000 counted samples):", ""]
+    lines += ["| what | cost |", "|---|---|"] + [f"| {what} | {cost} |" for what, cost in _scale()]
+    lines += [
+        "",
+        "Notes. The augmentation keeps open_clip's semantics: the crop box comes from torchvision's own "
+        "`RandomResizedCrop.get_params` with the same random draws, the crop is cut first and only the crop is "
+        "resized, bicubic with antialiasing; only the resize kernel differs (torch's vectorised uint8 kernel "
+        "instead of PIL's), and tests/test_train_data.py checks the same box and pixels within 3 levels of "
+        "open_clip's output. Issue 12's goal was at least 375 samples/s per core and ahead of open_clip's "
+        "pipeline. Photos decode slower than these shapes (about 0.35 ms per 256 px JPEG, "
+        "shared/docs/ECOSYSTEM.md), which costs both loaders alike. Indexing (first start only, each rank its "
+        f"share of the shards) took {1e6 * build / resume_n:.0f} us per sample here, mostly tarfile's header "
+        "parsing; a resume costs the survey of the cached index plus one batch, at any position.",
+    ]
     body = "\n".join(lines)
     print(body)
     if args.write:
