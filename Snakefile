@@ -22,6 +22,16 @@ import neuclip.workflow as wf
 
 wf.validate_config(config)
 
+# `rehearsal:` (e.g. a second --configfile workflows/configs/rehearsal.yaml): this experiment's own grid and
+# code path with only sizes shrunk (neuclip/rehearsal.py). The shrunk config is validated like any other.
+import neuclip.rehearsal
+
+if config.get("rehearsal"):
+    _shrunk = neuclip.rehearsal.rehearse(config)
+    config.clear()
+    config.update(_shrunk)
+    wf.validate_config(config)
+
 # Every cell's start-up checks, before anything is queued: a broken cell fails `snakemake -n`, naming the cell
 # and the key (neuclip/preflight.py).
 import neuclip.preflight

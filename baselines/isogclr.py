@@ -28,15 +28,16 @@ class ISogCLR(PerSampleEstimator):
     estimate_kind = "per_sample_tau"
     colour = "tab:brown"
     order = 40
-    # Defaults of the FastCLIP group's CC3M iSogCLR / FastCLIP-v2 script (fast_clip README: --temperature 0.03,
-    # --rho 7.0, --lr_tau 0.0133 const): its rho and initial tau differ from RGCL-g's, so neither is shared.
+    # paper.yaml's CC3M cell sets what the FastCLIP group's CC3M iSogCLR / FastCLIP-v2 script uses (fast_clip
+    # README: --temperature 0.03 --rho 7.0 --lr_tau 0.0133 const); the defaults below are for runs without a
+    # published recipe: the shared tau_init and rho, and a per-sample step of 1e-3 (choice, docs/methods.md).
     options = {
         **PerSampleEstimator.common_options,
-        "rho": number(7.0, "rho of RGCL (per-sample temperatures)", minimum=0),
-        "tau_init": number(0.03, "initial per-sample temperature", exclusive_minimum=0, maximum=1),
+        "rho": number(6.5, "rho of RGCL (per-sample temperatures)", minimum=0, shared=True),
+        "tau_init": number(0.07, "initial per-sample temperature", exclusive_minimum=0, maximum=1, shared=True),
         "tau_min": number(0.01, "lower bound of the per-sample temperatures", exclusive_minimum=0, maximum=1),
         "tau_max": number(1.0, "upper bound of the per-sample temperatures", exclusive_minimum=0, maximum=1),
-        "tau_lr": number(0.0133, "per-sample Adam step size of the temperatures", minimum=0),
+        "tau_lr": number(1e-3, "per-sample Adam step size of the temperatures", minimum=0),
         "tau_betas": fraction_pair((0.9, 0.999), "per-sample Adam betas"),
         "tau_adam_eps": number(1e-8, "per-sample Adam epsilon", exclusive_minimum=0),
         "tau_grad_clip": number(5.0, "clamp of the per-sample temperature gradient", exclusive_minimum=0),

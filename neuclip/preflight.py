@@ -29,6 +29,7 @@ class CellPlan:
     steps: int
     state_gib_per_rank: float
     warnings: list[str]
+    cfg: dict  # the cell's train config as the job will see it (site merged)
 
 
 def _known_models() -> set[str]:
@@ -78,11 +79,11 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
             f"state needs per node ({tasks} ranks x {state / GIB:.1f} GiB for data_size {d['data_size']:,}): "
             "raise resources.mem_gb for this data set"
         )
-    return CellPlan(run.key, world, geo.total_steps, state / GIB, warnings)
+    return CellPlan(run.key, world, geo.total_steps, state / GIB, warnings, cfg)
 
 
 def preflight(config: dict) -> list[CellPlan]:
-    """Check every cell; raise PreflightError listing all failing cells."""
+    """Check every cell; raise PreflightError listing all failing cells (each line: cell, key, fix)."""
     import neuclip.workflow as wf
     from neuclip.estimators.options import OptionError
     from neuclip.train.config import ConfigError

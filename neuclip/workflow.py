@@ -62,8 +62,9 @@ def experiment_dir(config: dict, kind: str = "runs") -> Path:
     return Path(config.get(f"{kind}_dir", kind)) / config["experiment"]
 
 
-def synthetic_dir(config: dict) -> Path:
-    return Path(config.get("data_root", "data")) / "synthetic" / config["experiment"]
+def synthetic_dir(config: dict, dataset: str) -> Path:
+    """Where `neuclip data synth` writes a generated data set (shards, eval sets, manifest)."""
+    return Path(config.get("data_root", "data")) / "synthetic" / config["experiment"] / dataset
 
 
 def per_dataset(config: dict, dataset: str) -> dict:
@@ -75,11 +76,13 @@ def seeds_for(config: dict, dataset: str) -> list[int]:
 
 
 def runs(config: dict, ablations: bool = True) -> list[Run]:
+    cells = config.get("cells")  # optional: only these "dataset/method" pairs of the grid
     out = [
         Run(d, m, "default", s)
         for d in config.get("datasets", [])
         for m in config.get("methods", [])
         for s in seeds_for(config, d)
+        if cells is None or f"{d}/{m}" in cells
     ]
     abl = config.get("ablations") or {}
     if ablations and abl:
@@ -105,14 +108,14 @@ def eval_suites(config: dict, dataset: str) -> list[str]:
 
 def eval_data_root(config: dict, dataset: str) -> str:
     if registry(config)[dataset].get("generated"):
-        return str(synthetic_dir(config))  # the tiny suite finds eval/wds_synth_* below it
+        return str(synthetic_dir(config, dataset))  # the tiny suite finds eval/wds_synth_* below it
     return str(config.get("eval_data_root", "data/eval"))
 
 
 def data_marker(config: dict, dataset: str) -> Path:
     """The small file that says a data set is ready (generated, or checked when `check_data` is on)."""
     if registry(config)[dataset].get("generated"):
-        return synthetic_dir(config) / "manifest.json"
+        return synthetic_dir(config, dataset) / "manifest.json"
     return experiment_dir(config) / "data" / f"{dataset}.ready"
 
 
@@ -122,7 +125,7 @@ def shards(config: dict, dataset: str) -> str:
         n = int(config["synthetic"]["num_train"])
         size = int(config["synthetic"].get("shard_size", 1024))
         last = (n + size - 1) // size - 1
-        return str(synthetic_dir(config) / "train" / f"{{00000..{last:05d}}}.tar")
+        return str(synthetic_dir(config, dataset) / "train" / f"{{00000..{last:05d}}}.tar")
     pattern = entry["shards"]
     return pattern if Path(pattern).is_absolute() else str(Path(config.get("data_root", "data")) / pattern)
 
@@ -146,8 +149,9 @@ def train_config(config: dict, run: Run) -> dict:
     """The complete `neuclip train` config for one run."""
     ds = per_dataset(config, run.dataset)
     entry = registry(config)[run.dataset]
-    if entry.get("generated"):
-        num_samples = data_size = int(config["synthetic"]["num_train"])
+    if entry.get("generated"):  # a rehearsal keeps the real set's data_size / num_samples ratio
+        num_samples = int(config["synthetic"]["num_train"])
+        data_size = int(entry.get("data_size") or num_samples)
     else:
         num_samples, data_size = entry.get("num_samples"), entry.get("data_size")
     launcher = deep_merge(config.get("resources") or {}, ds.get("resources"))
@@ -192,6 +196,22 @@ def schema() -> dict:
     doc["definitions"]["method"]["enum"] = method_names()
     doc["definitions"]["dataset"]["enum"] = list(_registry_file())
     return doc
+
+
+def load_experiment(paths: list[str | Path], **values) -> dict:
+    """Experiment config files merged in order (as Snakemake merges several --configfile), `values` over them
+    (as --config), validated, and shrunk when it asks for a rehearsal: what the Snakefile's workflow sees."""
+    from neuclip.rehearsal import rehearse
+
+    config: dict = {}
+    for path in paths:
+        config = deep_merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    config = deep_merge(config, values)
+    validate_config(config)
+    if config.get("rehearsal"):
+        config = rehearse(config)
+        validate_config(config)
+    return config
 
 
 def validate_config(config: dict) -> None:

@@ -3,12 +3,12 @@
 
 rule data_synth:
     output:
-        str(wf.synthetic_dir(config) / "manifest.json"),
+        str(wf.synthetic_dir(config, "{dataset}") / "manifest.json"),
     params:
-        out=str(wf.synthetic_dir(config)),
+        out=lambda w: str(wf.synthetic_dir(config, w.dataset)),
         s=config.get("synthetic", {}),
     log:
-        f"{EXP_RUNS}/logs/data_synth.log",
+        f"{EXP_RUNS}/logs/data_synth_{{dataset}}.log",
     shell:
         "neuclip data synth {params.out:q} --num-train {params.s[num_train]} --num-eval {params.s[num_eval]}"
         " --seed {params.s[seed]} --shard-size {params.s[shard_size]} --image-size {params.s[image_size]}"

@@ -36,7 +36,7 @@ DATASET_LABELS = {
     "synthetic": "synthetic",
 }
 DATASET_ORDER = list(DATASET_LABELS)
-SCALES = ("paper", "small", "tiny")  # column order; anything else sorts last and is never "paper"
+SCALES = ("paper", "small", "rehearsal", "tiny")  # column order; anything else sorts last and is never "paper"
 GROUPS = ("datacomp38", "imagenet_variants", "retrieval", "tiny")
 
 

@@ -1,0 +1,85 @@
+"""The preflight: every cell of the shipped grids passes under the SLURM launcher, and each check, broken once,
+fails naming the cell and the key (neuclip/preflight.py)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import neuclip.workflow as wf
+from neuclip.preflight import PreflightError, preflight
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "workflows" / "configs"
+
+
+def slurm(name: str, **changes) -> dict:
+    """An experiment as `--profile slurm` runs it (the profile sets launcher and slurm_site)."""
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    config = wf.deep_merge(config, {"launcher": "slurm", "slurm_site": "slurm/site.yaml", **changes})
+    wf.validate_config(config)
+    return config
+
+
+@pytest.mark.parametrize("name", ["paper", "ablations"])
+def test_shipped_grids_pass_the_preflight_under_slurm(name):
+    plans = preflight(slurm(name))
+    assert len(plans) == len(wf.runs(slurm(name)))
+    worlds = {p.cell.split("/")[0]: p.world for p in plans}
+    if name == "paper":  # 2 nodes x 4 GPUs, but CC3M and CC12M on 1 node x 4 (paper.yaml)
+        assert worlds == {"cc3m": 4, "cc12m": 4, "dfn14m": 8, "dfn192m": 8, "dfn1b": 8, "laion315m": 8}
+
+
+def test_snakemake_dry_run_with_the_slurm_profile_passes_the_preflight():
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--profile", "slurm", "all", "--configfile",
+         str(CONFIGS / "paper.yaml"), "--quiet", "rules"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def failure(config: dict) -> str:
+    with pytest.raises(PreflightError) as err:
+        preflight(config)
+    return str(err.value)
+
+
+def test_a_batch_the_world_does_not_divide_names_the_cell_and_key():
+    config = slurm("paper", per_dataset={"cc3m": {"resources": {"gpus_per_node": 3}}})
+    message = failure(config)
+    assert "cell paper/cc3m/openclip/default/seed0" in message and "train.global_batch_size (1024)" in message
+    assert "cc12m" not in message  # only the broken data set's cells
+
+
+def test_isogclr_state_beyond_mem_gb_at_dfn1b_names_the_cell_and_key():
+    config = slurm("paper", per_dataset={"dfn1b": {"resources": {"mem_gb": 100}}})
+    message = failure(config)
+    assert "cell paper/dfn1b/isogclr/default/seed0" in message and "launcher.mem_gb (100)" in message
+    assert "raise resources.mem_gb" in message
+    assert "dfn1b/fastclip" not in message  # 4 ranks x 11 GB of FastCLIP state fit in 100 GB
+
+
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"method_options": {"neuclip": {"num_protoypes": 64}}}, "unknown option(s) ['num_protoypes']"),
+        ({"method_options": {"neuclip": {"inner_steps": 0}}}, "method.options.inner_steps"),
+        ({"common_options": {"rhoo": 1.0}}, "['rhoo'] is not a shared option"),
+        ({"train": {"log_every": "often"}}, "config key 'train.log_every'"),
+        ({"model": "ViT-Q-99"}, "model 'ViT-Q-99'"),
+    ],
+)
+def test_each_broken_setting_names_the_cell_and_key(change, key):
+    config = copy.deepcopy(slurm("paper"))
+    config = wf.deep_merge(config, change)
+    for ds in config["per_dataset"].values():  # per-data-set models would hide a top-level model change
+        if "model" in change:
+            ds.pop("model", None)
+    message = failure(config)
+    assert key in message and "cell paper/" in message, message

@@ -1,0 +1,99 @@
+"""The rehearsal switch: an experiment's own grid and code path with only sizes shrunk (neuclip/rehearsal.py),
+checked cell by cell against the real grid, then run for real: paper.yaml through `snakemake --profile slurm
+all` on the test cluster, ablations.yaml locally."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+import neuclip.workflow as wf
+from neuclip.rehearsal import tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "workflows" / "configs"
+REHEARSAL = CONFIGS / "rehearsal.yaml"
+
+# The keys a rehearsal may change in a cell's train config: sizes, where things are, and labels.
+SIZE_KEYS = {
+    "run_dir", "model", "data.train_shards", "data.train_num_samples", "data.data_size", "data.workers",
+    "train.global_batch_size", "train.max_steps", "train.warmup_steps", "train.checkpoint_every",
+    "train.log_every", "train.threads", "error.every", "error.anchors", "error.batch_size", "error.shards",
+    "launcher.nodes", "launcher.gpus_per_node", "launcher.cpus_per_task", "launcher.mem_gb",
+    "launcher.timeout_min", "meta.experiment", "meta.scale",
+}
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value and not key.endswith("options"):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("name", ["paper", "ablations"])
+def test_only_sizes_shrink(name):
+    real = wf.load_experiment([CONFIGS / f"{name}.yaml"], launcher="slurm")
+    shrunk = wf.load_experiment([CONFIGS / f"{name}.yaml", REHEARSAL], launcher="slurm")
+    real_runs = {(r.dataset, r.method, r.variant): r for r in reversed(wf.runs(real))}  # first seed wins
+    shrunk_runs = {(r.dataset, r.method, r.variant): r for r in wf.runs(shrunk)}
+    assert set(shrunk_runs) == set(real_runs)  # every data set, method and variant; one seed each
+    assert {r.seed for r in shrunk_runs.values()} == {0}
+    for cell, run in shrunk_runs.items():
+        a, b = flat(wf.train_config(real, real_runs[cell])), flat(wf.train_config(shrunk, run))
+        changed = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        assert changed <= SIZE_KEYS, (cell, {k: (a.get(k), b.get(k)) for k in changed - SIZE_KEYS})
+        assert b["model"] == tiny_model(a["model"]) and b["train.max_steps"] == 6
+        assert b["data.data_size"] > b["data.train_num_samples"]  # ids beyond the samples present, as for real
+        assert b["meta.scale"] == "rehearsal" and b["meta.experiment"] == f"{name}_rehearsal"
+
+
+def test_sampled_cells_cover_every_method_and_every_data_set():
+    config = wf.load_experiment([CONFIGS / "paper.yaml", REHEARSAL], rehearsal={"cells": "sample"})
+    runs = wf.runs(config)
+    assert {r.method for r in runs if r.dataset == "cc3m"} == set(config["methods"])
+    assert {r.dataset for r in runs} == set(config["datasets"])
+    assert len(runs) == 7 + 5
+
+
+def summaries(root: Path) -> dict[str, dict]:
+    return {str(p.relative_to(root)): json.loads(p.read_text()) for p in root.glob("**/eval/tiny/summary.json")}
+
+
+@pytest.mark.slow
+def test_ablations_rehearsal_runs_locally(tmp_path):
+    from tests.test_pipeline import snakemake
+
+    snakemake(tmp_path, "-c2", "all", "--configfile", str(CONFIGS / "ablations.yaml"), str(REHEARSAL))
+    runs = tmp_path / "runs" / "ablations_rehearsal"
+    assert len(summaries(runs)) == 12, sorted(summaries(runs))  # the default and the 11 variants
+    table = (tmp_path / "results" / "ablations_rehearsal" / "tables" / "ablation_dfn14m_rehearsal.md")
+    assert table.is_file(), sorted(p.name for p in table.parent.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_paper_rehearsal_runs_on_the_slurm_cluster(tmp_path, slurm_cluster):
+    """paper.yaml's own grid through `snakemake --profile slurm all`, real sbatch jobs: every method on CC3M
+    (RN50's family: tiny-cnn, BatchNorm) and one method on each other data set (cells: sample), to fit CI."""
+    from tests.test_pipeline import snakemake
+
+    sample = tmp_path / "sample.yaml"
+    sample.write_text(yaml.safe_dump({"rehearsal": {"cells": "sample"}}))
+    work = tmp_path / "work"
+    work.mkdir()
+    snakemake(work, "--profile", str(REPO / "slurm"), "all", "--configfile", str(CONFIGS / "paper.yaml"),
+              str(REHEARSAL), str(sample), env=slurm_cluster, timeout=2400)
+    runs = work / "runs" / "paper_rehearsal"
+    jobs = list(runs.glob("*/*/default/seed0/job.json"))
+    assert len(jobs) == 12 and all('"slurm"' in j.read_text() for j in jobs), jobs
+    assert len(summaries(runs)) == 12
+    main = pd.read_csv(work / "results" / "paper_rehearsal" / "tables" / "main.csv")
+    assert len(main) >= 7, main
