@@ -1,7 +1,7 @@
 """Small networks that predict log-normalisers from a (detached) embedding.
 
-`PrototypeNPN` is NeuCLIP's Normaliser-Prediction Network (METHOD.md §4 step 3); `ResidualMLP` is AmorLIP's
-lambda-network (METHOD §5), also used as NeuCLIP's `npn: mlp` ablation. Both run in float32 or wider.
+`PrototypeNPN` is NeuCLIP's Normaliser-Prediction Network (docs/method.md §4 step 3); `ResidualMLP` is AmorLIP's
+lambda-network (docs/method.md §5), also used as NeuCLIP's `npn: mlp` ablation. Both run in float32 or wider.
 """
 
 from __future__ import annotations

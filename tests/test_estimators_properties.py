@@ -1,4 +1,4 @@
-"""Properties METHOD.md promises: the convex reformulation, the envelope, schedules, numerics, state."""
+"""Properties docs/method.md promises: the convex reformulation, the envelope, schedules, numerics, state."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_log_is_the_minimum_of_the_unified_terms():
 
 
 def test_mirror_descent_on_alpha_is_the_moving_average():
-    """METHOD §4 step 1: a mirror step with map e^alpha and step gamma e^alpha is the SogCLR update."""
+    """docs/method.md §4 step 1: a mirror step with map e^alpha and step gamma e^alpha is the SogCLR update."""
     gen = torch.Generator().manual_seed(1)
     for _ in range(200):
         alpha = (torch.randn(5, generator=gen, dtype=torch.float64) * 3).requires_grad_(True)

@@ -7,6 +7,7 @@ Each pipeline takes a few minutes on 2 CPU cores; both are marked slow.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -54,6 +55,11 @@ def test_tiny_pipeline_produces_every_table_and_plot(local_run):
     rows = [line for line in main.splitlines() if line.startswith("| ") and "method" not in line]
     assert [row.split("|")[1].strip() for row in rows] == METHODS, main
     assert not any("—" in row for row in rows), main  # every cell filled
+    # every method learns: zero-shot colour at least twice chance (8 colours: 0.125), AmorLIP and SigLIP included
+    for summary in sorted(local_run.glob("runs/tiny/synthetic/*/default/seed0/eval/tiny/summary.json")):
+        colour = json.loads(summary.read_text())["tasks"]["synth_colour"]["value"]
+        assert colour >= 2 * 0.125, f"{summary.parts[-6]}: colour {colour:.3f} < 2 x chance"
+    assert len(list(local_run.glob("runs/tiny/synthetic/*/default/seed0/eval/tiny/summary.json"))) == 7
     assert "Nothing is missing" in (results / "tables" / "missing.md").read_text()
     # error tracked during training (error_tracking.every = 48 of 192 steps) for every method with an estimate
     curves = pd.read_csv(results / "tables" / "error_curves.csv")

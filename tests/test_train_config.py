@@ -69,7 +69,7 @@ def test_bad_values_name_the_key(override, key):
         load_config(None, [override])
 
 
-# METHOD.md §8: (model, global batch, epochs, lr, wd, warmup, rho, gamma_min, E_decay, lr_tau, betas, eps)
+# docs/method.md §8: (model, global batch, epochs, lr, wd, warmup, rho, gamma_min, E_decay, lr_tau, betas, eps)
 SETTINGS = {
     "cc3m": ("RN50", 1024, 37, 1e-3, 0.1, 10000, 6.5, 0.2, 18, 2e-4, [0.9, 0.999], 1e-8),
     "cc12m": ("ViT-B-32", 2048, 33, 4e-4, 0.1, 10000, 8.5, 0.2, 16, 1e-4, [0.9, 0.98], 1e-6),

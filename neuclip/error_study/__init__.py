@@ -1,1 +1,1 @@
-"""The normaliser-error study (METHOD.md §6): exact log-normalisers, estimators' estimates, their errors."""
+"""The normaliser-error study (docs/method.md §6): exact log-normalisers, estimators' estimates, their errors."""

@@ -1,4 +1,4 @@
-"""Exact log-normalisers over a whole data set by a streaming pass (METHOD.md §6.2).
+"""Exact log-normalisers over a whole data set by a streaming pass (docs/method.md §6.2).
 
     alpha1*_i = log(eps + 1/(n-1) sum_{j != i} exp((e1_i . e2_j - e1_i . e2_i) / tau))     (image anchors)
     alpha2*_i = log(eps + 1/(n-1) sum_{j != i} exp((e2_i . e1_j - e2_i . e1_i) / tau))     (text anchors)

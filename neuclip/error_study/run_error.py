@@ -7,7 +7,7 @@ Two callers share `measure`:
 The data is embedded with the model's *evaluation* transform (deterministic; training saw augmented views, a
 small difference), sorted by sample id so that the result does not depend on the number of reader processes.
 The exact alpha* at the estimator's current temperature is computed for a fixed random anchor subset against
-every embedded sample, and the method's own estimate is scored (METHOD §6.3).
+every embedded sample, and the method's own estimate is scored (docs/method.md §6.3).
 """
 
 from __future__ import annotations

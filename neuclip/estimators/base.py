@@ -59,7 +59,7 @@ class Estimator(nn.Module):
       name          registry name (what configs write)
       label         the report's row label; `labels()`/`label_for()` when options change it (FastCLIP-vN)
       description   one line for `neuclip methods`
-      estimate_kind how the error study reads this method's log-normaliser estimate (METHOD §6.3):
+      estimate_kind how the error study reads this method's log-normaliser estimate (docs/method.md §6.3):
                     "state": `log_normalizers()` returns stored/predicted alphas; "minibatch": log(eps + g_hat)
                     from a random batch of the training batch size; anything else is not scored
                     ("none": no normaliser, SigLIP; "per_sample_tau": iSogCLR's estimates live at

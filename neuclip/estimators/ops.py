@@ -1,4 +1,4 @@
-"""Shared maths and distributed plumbing for the estimators (METHOD.md §1).
+"""Shared maths and distributed plumbing for the estimators (docs/method.md §1).
 
 Everything here works on the *local* anchors of this rank against the *global* batch, so that a rank's loss
 is the mean over its own anchors and DDP's gradient average equals the whole-batch gradient.

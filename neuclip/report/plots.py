@@ -140,7 +140,7 @@ def error_study_plots(studies: list[Study], folder: Path) -> list[tuple[str, str
         frame = pd.read_csv(study.abspath / "errors.csv")
         suffix = "" if len(studies) == 1 else f"_{study.slug}"
         where = f" ({study.path})" if len(studies) > 1 else ""
-        # log-space MSE only (the primary metric, METHOD.md §6); errors.csv keeps the relative error too
+        # log-space MSE only (the primary metric, docs/method.md §6); errors.csv keeps the relative error too
         stem = folder / f"error_vs_ratio{suffix}"
         plot_error_vs_ratio(frame, stem)
         out.append((stem.name, f"Normaliser error (log-space MSE) against n/B at the final step{where}"))
