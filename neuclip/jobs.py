@@ -172,7 +172,7 @@ def alive_local_job(run_dir: Path):
 def final_checkpoint(cfg: dict) -> dict | None:
     """The run's newest checkpoint if it is its final step and was written with this config, else None.
 
-    Returns {"path", "step", "num_slots"}. Only the checkpoint's small fields are read (memory-mapped).
+    Returns {"path", "step"}. Only the checkpoint's small fields are read (memory-mapped).
     """
     import torch
 
@@ -187,12 +187,11 @@ def final_checkpoint(cfg: dict) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         total = int(state["scheduler"]["total_steps"])
         same = not identity_diff(state["config"], cfg)
-        slots = int(state["data"]["num_slots"])
     except Exception:  # noqa: BLE001 - unreadable or another format: not evidence of a finished run
         return None
     if step != total or not same:
         return None
-    return {"path": path, "step": step, "num_slots": slots}
+    return {"path": path, "step": step}
 
 
 def live_job(cfg: dict):

@@ -164,18 +164,7 @@ def _finish_here(cfg: dict) -> int | None:
     final = final_checkpoint(cfg)
     if final is None:
         return None
-    slots = max(1, int(cfg["data"]["workers"] or 0))  # the trainer's world size x max(1, workers), world 1 here
-    run_dir = Path(cfg["run_dir"])
-    if final["num_slots"] != slots:
-        # The trainer resumes a checkpoint only with the number of data slots it was read with, even at the
-        # final step, so a run trained on several ranks is finished by a (short) job of its own.
-        print(
-            f"neuclip train: {run_dir} finished training on {final['num_slots']} data slots; this process "
-            f"has {slots}, so a job is submitted to export it",
-            file=sys.stderr,
-            flush=True,
-        )
-        return None
+    run_dir = Path(cfg["run_dir"])  # any world size and worker count resume the data order (train/data.py)
     print(
         f"neuclip train: {run_dir} finished training ({final['path'].name} is the final step); exporting it "
         "here, without submitting a job",
