@@ -2,7 +2,9 @@
 pipeline on the same shards, what each stage of a sample costs, and the time to the first batch after a resume
 at the start of an epoch against deep into it.
 
-Everything runs in this process on one thread with no loader workers, so samples/s is per core. Both loaders
+Everything runs in this process on one thread with no loader workers, and throughput and stage costs are
+timed in this process's CPU time, so samples/s is per core even when other jobs share the machine (the
+resume latencies are wall-clock). Both loaders
 get open_clip's ViT-B-32 train transform (RandomResizedCrop 224, scale (0.9, 1), bicubic) and tokenizer.
 open_clip's pipeline is `open_clip_train.data.get_wds_dataset`, with one change for the benchmark only: its tar
 expander is called with `eof_value=None`, without which webdataset 1.0.2 raises KeyError 'fname' at the end of
@@ -78,13 +80,14 @@ def _open_clip(shards, num, batch, transform, tokenizer):
 
 
 def _throughput(make, batch) -> float:
-    """samples/s over one epoch of the loader `make()` builds, its first batch (start-up) not counted."""
+    """Samples per CPU-second over one epoch of the loader `make()` builds, its first batch (start-up) not
+    counted. CPU time of this one-thread process: what other jobs on a shared machine take does not count."""
     next_batch, steps = make()
     next_batch()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for _ in range(steps - 1):
         next_batch()
-    return (steps - 1) * batch / (time.perf_counter() - t0)
+    return (steps - 1) * batch / (time.process_time() - t0)
 
 
 def _stages(shards, transform, tokenizer, fast) -> dict[str, float]:
@@ -97,10 +100,10 @@ def _stages(shards, transform, tokenizer, fast) -> dict[str, float]:
     texts = [s["txt"].decode() for s in samples]
 
     def per_sample(fn, items):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for x in items:
             fn(x)
-        return 1e3 * (time.perf_counter() - t0) / len(items)
+        return 1e3 * (time.process_time() - t0) / len(items)
 
     def float_crop(image):  # the same crop, resized in float32 instead of uint8
         from torchvision.transforms import RandomResizedCrop
@@ -179,17 +182,8 @@ def _scale() -> list[tuple[str, str]]:
     ]
 
 
-def run(args) -> int:
-    import open_clip
-
-    torch.set_num_threads(1)
-    from neuclip.train.data import FastTrainTransform
-
-    work = Path(args.work)
-    shards = _shards(work, "jpeg256", args.samples, 256, 256)
-    transform = open_clip.image_transform(224, is_train=True)
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    fast = FastTrainTransform.match(transform)
+def _rates(args, shards, transform, tokenizer) -> dict[str, float]:
+    """Best samples/s of each loader over `args.repeats` alternating one-epoch passes."""
     loaders = {
         "open_clip_train.data.get_wds_dataset": lambda: _open_clip(
             shards, args.samples, args.batch, transform, tokenizer
@@ -204,25 +198,30 @@ def run(args) -> int:
         for name, make in loaders.items():
             best[name] = max(best[name], _throughput(make, args.batch))
             print(f"{name}: {best[name]:.0f} samples/s", flush=True)
-    stages = _stages(shards, transform, tokenizer, fast)
+    return best
 
-    resume_shards = _shards(work, "jpeg32", args.resume_samples, 32, 4096)
-    t0 = time.perf_counter()
+
+def _resume_costs(work: Path, num: int) -> tuple[int, int, float, list]:
+    """(samples, shards, seconds to index them cold, rows of `_resume`)."""
     from neuclip.data.check import survey
 
-    for s in resume_shards:  # a cold index: built from the tars
+    shards = _shards(work, "jpeg32", num, 32, 4096)
+    for s in shards:  # a cold index: built from the tars
         for f in Path(s).parent.glob(".neuclip-index/*.npz"):
             f.unlink()
-    survey(resume_shards)
-    build = time.perf_counter() - t0
-    resume = _resume(resume_shards, 256)
-    resume_n = int(survey(resume_shards).counts.sum())
+    t0 = time.perf_counter()
+    n = int(survey(shards).counts.sum())
+    return n, len(shards), time.perf_counter() - t0, _resume(shards, 256)
 
+
+def _markdown(args, best, stages, resume, scale) -> str:
+    n, num_shards, build, rows = resume
     base = best["open_clip_train.data.get_wds_dataset"]
     lines = [
         "## Training data loader (`neuclip bench loader`)",
         "",
-        f"Command: `{command_line()}` ({machine_line()}, one thread, no loader workers: samples/s is per core).",
+        f"Command: `{command_line()}` ({machine_line()}; one thread, no loader workers, timed in the process's "
+        "CPU time: samples/s is per core).",
         f"{args.samples} synthetic 256 px JPEG samples (`neuclip data synth --image-size 256`, ~6 kB each: simple "
         "shapes, lighter to decode than photos) in shards of 256, global batch "
         f"{args.batch}; open_clip's ViT-B-32 train transform and tokenizer in both loaders; best of "
@@ -232,20 +231,20 @@ def run(args) -> int:
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {v:.0f} | {v / base:.2f}x |" for name, v in best.items()]
-    lines += ["", "Per sample (ms), same images:", "", "| stage | ms |", "|---|---:|"]
+    lines += ["", "Per sample (CPU ms), same images, best of 3 rounds:", "", "| stage | ms |", "|---|---:|"]
     lines += [f"| {name} | {ms:.3f} |" for name, ms in stages.items()]
     lines += [
         "",
-        f"Resume: {resume_n} samples (32 px) in {len(resume_shards)} shards of 4096, global batch 256. "
-        f"Indexing them cold (tar headers plus .txt/.json, once, then cached): {build:.2f} s. Each row builds the "
-        "data view from the cached index (survey), then a loader at that step and its first batch:",
+        f"Resume: {n} samples (32 px) in {num_shards} shards of 4096, global batch 256. Indexing them cold (tar "
+        f"headers plus .txt/.json, once, then cached): {build:.2f} s. Each row builds the data view from the "
+        "cached index (survey), then a loader at that step and its first batch (wall-clock):",
         "",
         "| resume at | data view from the index (s) | first batch (s) |",
         "|---|---:|---:|",
     ]
-    lines += [f"| {label} | {a:.3f} | {b:.3f} |" for label, a, b in resume]
+    lines += [f"| {label} | {a:.3f} | {b:.3f} |" for label, a, b in rows]
     lines += ["", "The order at DFN-1B size (no data: 140,000 shards of 10,000 counted samples):", ""]
-    lines += ["| what | cost |", "|---|---|"] + [f"| {what} | {cost} |" for what, cost in _scale()]
+    lines += ["| what | cost |", "|---|---|"] + [f"| {what} | {cost} |" for what, cost in scale]
     lines += [
         "",
         "Notes. The augmentation keeps open_clip's semantics: the crop box comes from torchvision's own "
@@ -253,12 +252,27 @@ def run(args) -> int:
         "resized, bicubic with antialiasing; only the resize kernel differs (torch's vectorised uint8 kernel "
         "instead of PIL's), and tests/test_train_data.py checks the same box and pixels within 3 levels of "
         "open_clip's output. Issue 12's goal was at least 375 samples/s per core and ahead of open_clip's "
-        "pipeline. Photos decode slower than these shapes (about 0.35 ms per 256 px JPEG, "
-        "shared/docs/ECOSYSTEM.md), which costs both loaders alike. Indexing (first start only, each rank its "
-        f"share of the shards) took {1e6 * build / resume_n:.0f} us per sample here, mostly tarfile's header "
-        "parsing; a resume costs the survey of the cached index plus one batch, at any position.",
+        "pipeline. Photos decode slower than these simple shapes, at the same cost in both loaders. Indexing "
+        f"(first start only, each rank its share of the shards) took {1e6 * build / n:.0f} us per sample here, "
+        "mostly tarfile's header parsing; a resume costs the survey of the cached index plus one batch, at any "
+        "position.",
     ]
-    body = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import open_clip
+
+    from neuclip.train.data import FastTrainTransform
+
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    shards = _shards(work, "jpeg256", args.samples, 256, 256)
+    transform = open_clip.image_transform(224, is_train=True)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    best = _rates(args, shards, transform, tokenizer)
+    stages = _stages(shards, transform, tokenizer, FastTrainTransform.match(transform))
+    body = _markdown(args, best, stages, _resume_costs(work, args.resume_samples), _scale())
     print(body)
     if args.write:
         write_section(args.write, "loader", body)
