@@ -3,16 +3,25 @@
 #   make test   install (Python packages and the Debian SLURM packages), then ruff and the whole test suite
 VENV ?= .venv
 BIN := $(VENV)/bin
+# img2dataset in an environment of its own (see requirements-img2dataset.txt); `neuclip data download` runs it.
+I2D_VENV ?= .venv-img2dataset
 CORES ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install debs demo test lint gpu-check clean-tiny
+.PHONY: install img2dataset debs demo test lint gpu-check clean-tiny
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(I2D_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+img2dataset: $(I2D_VENV)/.installed
+
+$(I2D_VENV)/.installed: requirements-img2dataset.txt
+	test -x $(I2D_VENV)/bin/python || python3 -m venv $(I2D_VENV)
+	$(I2D_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-img2dataset.txt
 	touch $@
 
 debs:

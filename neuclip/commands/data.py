@@ -54,6 +54,10 @@ def register(sub) -> None:
     )
     check.set_defaults(func=run_check)
 
+    from neuclip.commands import data_fetch  # download (img2dataset), fetch-eval (clip_benchmark sets)
+
+    data_fetch.register(data_sub)
+
 
 def run_synth(args) -> int:
     import time

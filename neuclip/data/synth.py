@@ -5,13 +5,19 @@ generated it (shape, colour, size, grid position, background, relative placement
 A model that learns to align images and captions can then be scored zero-shot on held-out sets whose labels
 are those same attributes (shape, colour, position) and on caption retrieval.
 
-Output layout (img2dataset for training, clip_benchmark `wds/` for evaluation), see `synthesize`.
+Output layout (img2dataset for training, clip_benchmark `wds/` for evaluation), see `synthesize`. The train
+shards hold what img2dataset writes (members, .json fields, .parquet and _stats.json sidecars; checked
+against a real img2dataset run in tests/test_data_download.py) with one deliberate difference: keys number
+the samples 0..n-1, where img2dataset numbers shard * 10^ceil(log10(shard size)) + row (the same when the
+shard size is 10,000, as for CC3M/CC12M). Contiguous ids keep data_size = num_samples for generated sets and
+a sample's content independent of the shard size.
 Everything is a pure function of (seed, stream, sample index): shards are byte-identical across runs and do
 not depend on `shard_size`, and each evaluation set has its own seed stream, disjoint from training.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -233,16 +239,37 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def _train_sample(i: int, seed: int, width: int, image_size: int) -> tuple[str, dict[str, bytes]]:
+# img2dataset's per-sample metadata fields, in its order (its downloader's `meta`, with exif and sha256 on, as
+# by default); the scene attributes come first, where img2dataset puts save_additional_columns.
+I2D_FIELDS = ("caption", "url", "key", "status", "error_message", "width", "height", "original_width",
+              "original_height", "exif", "sha256")  # fmt: skip
+ATTRIBUTES = ("background", "objects")
+
+
+def _train_sample(i: int, seed: int, width: int, image_size: int) -> tuple[str, dict[str, bytes], dict]:
     rng = _rng(seed, "train", i)
     scene = sample_scene(rng)
     caption = captions(scene, rng)[0]
     key = f"{i:0{width}d}"
-    meta = {"key": key, "caption": caption, "width": image_size, "height": image_size, "status": "success"}
-    meta.update(scene.attributes())
-    fields = {"jpg": _encode(render(scene, image_size, rng), "jpg"), "txt": caption.encode()}
-    fields["json"] = json.dumps(meta, sort_keys=True).encode()
-    return key, fields
+    jpg = _encode(render(scene, image_size, rng), "jpg")
+    meta = scene.attributes()  # img2dataset's save_additional_columns sit before its own fields
+    meta.update(caption=caption, url=f"synth:{seed}/{i}", key=key, status="success", error_message=None)
+    meta.update(width=image_size, height=image_size, original_width=image_size, original_height=image_size)
+    meta.update(exif="{}", sha256=hashlib.sha256(jpg).hexdigest())  # what img2dataset writes for this JPEG
+    fields = {"jpg": jpg, "txt": caption.encode(), "json": json.dumps(meta, indent=4).encode()}
+    return key, fields, meta
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> None:
+    """img2dataset's NNNNN.parquet sidecar: one row per sample, its columns and types."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    obj = pa.struct([(k, pa.string()) for k in ("shape", "colour", "size", "position")])
+    types = {"background": pa.string(), "objects": pa.list_(obj), "width": pa.int32(), "height": pa.int32()}
+    types.update(original_width=pa.int32(), original_height=pa.int32())
+    schema = pa.schema([(k, types.get(k, pa.string())) for k in ATTRIBUTES + I2D_FIELDS])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
 def _write_train(out: Path, num: int, seed: int, shard_size: int, image_size: int) -> list[str]:
@@ -250,10 +277,13 @@ def _write_train(out: Path, num: int, seed: int, shard_size: int, image_size: in
     width, sizes, names = key_width(num), {}, []
     for shard, start in enumerate(range(0, num, shard_size)):
         name = f"{shard:05d}.tar"
-        ids = range(start, min(start + shard_size, num))
-        count = write_tar(out / name, (_train_sample(i, seed, width, image_size) for i in ids))
+        made = [_train_sample(i, seed, width, image_size) for i in range(start, min(start + shard_size, num))]
+        count = write_tar(out / name, ((key, fields) for key, fields, _ in made))
+        rows = [meta for _, _, meta in made]
+        _write_parquet(out / f"{shard:05d}.parquet", rows)
+        # img2dataset's stats fields; the times are fixed so that the same seed gives the same bytes
         stats = {"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0}
-        stats.update(partition_id=shard, status_dict={"success": count})
+        stats.update(duration=0.0, start_time=0.0, end_time=0.0, status_dict={"success": count})
         _write_json(out / f"{shard:05d}_stats.json", stats)
         sizes[name] = count
         names.append(name)
@@ -304,8 +334,10 @@ def synthesize(
 ) -> dict:
     """Generate the training shards and evaluation sets under `out_dir`; return the manifest.
 
-    OUT/train/{00000..}.tar        KEY.jpg, KEY.txt, KEY.json; KEY = 9-digit id 0..num_train-1 (img2dataset)
-    OUT/train/00000_stats.json     img2dataset per-shard stats; OUT/train/sizes.json: shard -> count
+    OUT/train/{00000..}.tar        KEY.jpg, KEY.txt, KEY.json (img2dataset's members and .json fields, plus
+                                   the scene as extra columns); KEY = 9-digit id 0..num_train-1
+    OUT/train/00000.parquet        img2dataset's per-shard metadata sidecar (one row per sample)
+    OUT/train/00000_stats.json     img2dataset's per-shard stats; OUT/train/sizes.json: shard -> count
     OUT/eval/wds_synth_{shape,colour,position}   clip_benchmark wds classification sets (.png + .cls)
     OUT/eval/wds_synth_retrieval   clip_benchmark wds retrieval set (.png + .txt, 5 captions per image)
     OUT/manifest.json              what was generated

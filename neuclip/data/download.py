@@ -1,0 +1,305 @@
+"""`neuclip data download`: image-text shards from a URL list, made by img2dataset itself.
+
+img2dataset runs in an environment of its own (`make img2dataset` makes `.venv-img2dataset/`; see
+requirements-img2dataset.txt for why), started as a separate program with the options of
+neuclip/configs/download.yaml for the data set, overridden by a site file and `--set`. We never imitate
+what it writes; afterwards we only read its per-shard `NNNNN_stats.json` and add what the trainer and the
+registry need:
+
+- `sizes.json` (shard -> samples written), which open_clip and `neuclip data check` read;
+- `dataset.yaml`: the shard pattern, num_samples, and data_size = max key + 1 from img2dataset's key scheme
+  (`img2dataset_key`: a row's key is shard * 10^ceil(log10(samples per shard)) + its row in the shard, so
+  failed rows leave holes and data_size > num_samples); plus the options used, so a resume with different
+  layout options is refused instead of mixing two key schemes in one folder;
+- `download_report.md`: per shard, rows, successes and the failures by reason (img2dataset's status_dict).
+
+Resuming is img2dataset's own incremental mode: a shard with a `_stats.json` is done, others are redone. Its
+check globs `OUT/*.json` and parses every name as a shard number, so our own `sizes.json` is removed before
+img2dataset starts and written again after it (it is derived from the stats files; nothing is lost).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+RECIPES = Path(__file__).resolve().parent.parent / "configs" / "download.yaml"
+REPO = Path(__file__).resolve().parent.parent.parent
+VENV = REPO / ".venv-img2dataset"
+INFO = "dataset.yaml"
+REPORT = "download_report.md"
+STATS = re.compile(r"^(\d+)_stats\.json$")
+# Options that decide what the files and keys look like: a resume must use the same ones.
+LAYOUT = (
+    "input_format", "url_col", "caption_col", "save_additional_columns", "bbox_col", "number_sample_per_shard",
+    "oom_shard_count", "output_format", "image_size", "resize_mode", "resize_only_if_bigger", "encode_format",
+    "encode_quality",
+)  # fmt: skip
+# Runs inside the img2dataset environment: the options arrive as one JSON argument, so no shell or python-fire
+# parsing can turn "00001" into 1 or a list into a string.
+RUNNER = (
+    "import json, sys\n"
+    "from importlib.metadata import version\n"
+    "import img2dataset\n"
+    "print('img2dataset', version('img2dataset'), flush=True)\n"
+    "img2dataset.download(**json.loads(sys.argv[1]))\n"
+)
+FIX_ENV = "run `make img2dataset` (creates .venv-img2dataset/, about 70 s) or set NEUCLIP_IMG2DATASET"
+
+
+class DownloadError(RuntimeError):
+    """Bad options, a missing img2dataset, or an output folder that cannot be resumed; says what to do."""
+
+
+# -- options --------------------------------------------------------------------------------------------
+
+
+def recipes() -> dict[str, dict]:
+    return yaml.safe_load(RECIPES.read_text())["datasets"]
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs (values parsed as YAML: 4, true, [uid], null) into a mapping."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DownloadError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set processes_count=32")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def options(dataset: str, url_list: str | os.PathLike, out: str | os.PathLike, site: dict | None = None) -> dict:
+    """img2dataset.download keyword arguments: the data set's recipe, then `site` (file or --set) on top."""
+    known = recipes()
+    if dataset not in known:
+        raise DownloadError(f"no download recipe for {dataset!r} in {RECIPES}; known: {', '.join(known)}")
+    opts = dict(known[dataset])
+    opts.update(site or {})
+    for key in ("url_list", "output_folder"):
+        if key in (site or {}):
+            raise DownloadError(f"option {key!r} is set by --url-list / --out, not by --set or --config")
+    opts["url_list"], opts["output_folder"] = str(Path(url_list).absolute()), str(Path(out).absolute())
+    if opts.get("output_format") != "webdataset":
+        raise DownloadError(f"output_format {opts.get('output_format')!r}: the trainer reads webdataset tar shards")
+    if opts.get("incremental_mode") != "incremental":
+        raise DownloadError("incremental_mode must stay 'incremental' (resume); delete the folder to start over")
+    return opts
+
+
+def img2dataset_python() -> str:
+    """The Python that has img2dataset: $NEUCLIP_IMG2DATASET, then .venv-img2dataset, then this one."""
+    explicit = os.environ.get("NEUCLIP_IMG2DATASET")
+    if explicit:
+        if not Path(explicit).exists():
+            raise DownloadError(f"NEUCLIP_IMG2DATASET={explicit} does not exist: {FIX_ENV}")
+        return explicit
+    venv = VENV / "bin" / "python"
+    if venv.exists():
+        return str(venv)
+    try:
+        import img2dataset  # noqa: F401  (someone installed it into this environment)
+    except ImportError:
+        raise DownloadError(f"img2dataset not found (looked in {VENV} and this environment): {FIX_ENV}") from None
+    return sys.executable
+
+
+# -- img2dataset's key scheme and stats files -----------------------------------------------------------
+
+
+def oom_sample(per_shard: int) -> int:
+    """Digits of the row part of a key (img2dataset: ceil(log10(number_sample_per_shard)))."""
+    return math.ceil(math.log10(per_shard))
+
+
+def img2dataset_key(shard: int, row: int, per_shard: int, oom_shard_count: int) -> str:
+    """The key img2dataset gives row `row` of input shard `shard` (its downloader.compute_key)."""
+    digits = oom_sample(per_shard)
+    return f"{10**digits * shard + row:0{oom_shard_count + digits}d}"
+
+
+@dataclass
+class ShardStats:
+    shard: int
+    name: str  # NNNNN.tar
+    count: int  # input rows of this shard
+    successes: int  # samples written to the tar
+    failed_to_download: int
+    failed_to_resize: int
+    reasons: dict = field(default_factory=dict)  # img2dataset's status_dict without "success"
+
+    @property
+    def failed(self) -> int:
+        return self.count - self.successes
+
+
+def read_stats(out: Path, oom_shard_count: int) -> list[ShardStats]:
+    found = []
+    for path in sorted(out.glob("*_stats.json")):
+        match = STATS.match(path.name)
+        if not match:
+            continue
+        s = json.loads(path.read_text())
+        reasons = {k: v for k, v in (s.get("status_dict") or {}).items() if k != "success"}
+        shard = int(match.group(1))
+        found.append(
+            ShardStats(
+                shard, f"{shard:0{oom_shard_count}d}.tar", int(s["count"]), int(s["successes"]),
+                int(s.get("failed_to_download", 0)), int(s.get("failed_to_resize", 0)), reasons,
+            )  # fmt: skip
+        )
+    return found
+
+
+def key_space(stats: list[ShardStats], per_shard: int) -> int:
+    """data_size: one more than the largest key img2dataset can have given out (failed rows included)."""
+    return max((10 ** oom_sample(per_shard) * s.shard + s.count for s in stats), default=0)
+
+
+def input_rows(url_list: Path, input_format: str) -> list[int] | None:
+    """Rows of each input file in img2dataset's order (a folder: its *.FORMAT files, sorted); None: unknown."""
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    files = sorted(url_list.glob(f"*.{input_format}")) if url_list.is_dir() else [url_list]
+    rows = []
+    for f in files:
+        if input_format == "parquet":
+            rows.append(pq.ParquetFile(f).metadata.num_rows)
+        elif input_format.split(".")[0] in ("tsv", "csv", "txt"):
+            kind = input_format.split(".")[0]
+            parse = pa_csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",")
+            read = pa_csv.ReadOptions(column_names=["url"]) if kind == "txt" else None
+            with pa_csv.open_csv(f, read_options=read, parse_options=parse) as reader:
+                rows.append(sum(batch.num_rows for batch in reader))
+        else:
+            return None
+    return rows
+
+
+# -- summary --------------------------------------------------------------------------------------------
+
+
+def report_table(stats: list[ShardStats]) -> str:
+    """Markdown: one row per shard, then the failures of all shards by reason."""
+    lines = ["| shard | rows | written | failed download | failed resize | reasons |", "|---|---:|---:|---:|---:|---|"]
+    for s in stats:
+        why = "; ".join(f"{r} ×{n}" for r, n in sorted(s.reasons.items(), key=lambda x: -x[1])[:3])
+        lines.append(
+            f"| {s.name} | {s.count} | {s.successes} | {s.failed_to_download} | {s.failed_to_resize} | {why} |"
+        )
+    total = Counter()
+    for s in stats:
+        total.update(s.reasons)
+    rows, ok = sum(s.count for s in stats), sum(s.successes for s in stats)
+    lines.append(
+        f"| total ({len(stats)} shards) | {rows} | {ok} | {sum(s.failed_to_download for s in stats)} | "
+        f"{sum(s.failed_to_resize for s in stats)} | |"
+    )
+    lines += ["", "| failure reason | samples |", "|---|---:|"]
+    lines += [f"| {reason} | {n} |" for reason, n in total.most_common()] or ["| (none) | 0 |"]
+    return "\n".join(lines)
+
+
+def shard_pattern(out: Path, names: list[str]) -> str:
+    """A brace pattern for consecutive shard names, else the names joined with '::'."""
+    if not names:
+        return ""
+    first, last = names[0].split(".")[0], names[-1].split(".")[0]
+    if int(last) - int(first) + 1 == len(names):
+        return str(out / (f"{{{first}..{last}}}.tar" if len(names) > 1 else names[0]))
+    return "::".join(str(out / n) for n in names)
+
+
+# -- the command ----------------------------------------------------------------------------------------
+
+
+def _prepare(out: Path, opts: dict) -> None:
+    """Refuse a folder downloaded with other layout options or holding JSON img2dataset would misread."""
+    info_file = out / INFO
+    if info_file.exists():
+        before = (yaml.safe_load(info_file.read_text()) or {}).get("img2dataset", {}).get("options", {})
+        changed = [k for k in LAYOUT if k in before and before.get(k) != opts.get(k)]
+        if changed:
+            diff = ", ".join(f"{k}: {before.get(k)!r} then, {opts.get(k)!r} now" for k in changed)
+            raise DownloadError(f"{out} was downloaded with other settings ({diff}): use them, or another --out")
+    (out / "sizes.json").unlink(missing_ok=True)  # derived; img2dataset's resume would read it as a shard
+    foreign = [p.name for p in out.glob("*.json") if not STATS.match(p.name)]
+    if foreign:
+        raise DownloadError(
+            f"{out} holds {', '.join(foreign)}: img2dataset's resume parses every *.json there as a shard's "
+            "stats file; move them elsewhere"
+        )
+
+
+def download(dataset: str, url_list, out, site: dict | None = None, echo=print) -> dict:
+    """Run img2dataset (resuming), then write sizes.json, dataset.yaml and download_report.md; return the
+    dataset.yaml content. Raises DownloadError when img2dataset fails or shards are still missing."""
+    url_list, out = Path(url_list), Path(out).absolute()
+    if not url_list.exists():
+        raise DownloadError(f"--url-list {url_list} does not exist")
+    opts = options(dataset, url_list, out, site)
+    out.mkdir(parents=True, exist_ok=True)
+    _prepare(out, opts)
+    rows = input_rows(url_list, opts["input_format"])
+    python = img2dataset_python()
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+    log = out / "img2dataset.log"
+    version, tail = None, []
+    with open(log, "a") as log_file, subprocess.Popen(
+        [python, "-c", RUNNER, json.dumps(opts)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        for line in proc.stdout:  # img2dataset's progress, shown and kept
+            log_file.write(line)
+            echo(line.rstrip("\n"))
+            tail = (tail + [line.rstrip("\n")])[-15:]
+            if version is None and line.startswith("img2dataset "):
+                version = line.split()[1]
+    if proc.returncode != 0:
+        raise DownloadError(f"img2dataset failed (exit {proc.returncode}; log {log}):\n" + "\n".join(tail))
+
+    oom = int(opts["oom_shard_count"])
+    per_shard = int(opts["number_sample_per_shard"])
+    stats = read_stats(out, oom)
+    from neuclip.atomic import write_atomic, write_json
+
+    sizes = {s.name: s.successes for s in stats if (out / s.name).exists()}
+    write_json(out / "sizes.json", sizes)
+    expected = sum(math.ceil(n / per_shard) for n in rows) if rows is not None else None
+    missing = [s.name for s in stats if s.name not in sizes]
+    info = {
+        "dataset": dataset,
+        "shards": shard_pattern(out, list(sizes)),
+        "num_samples": sum(sizes.values()),
+        "data_size": key_space(stats, per_shard),
+        "input_rows": sum(rows) if rows is not None else None,
+        "rows_done": sum(s.count for s in stats),
+        "shards_done": len(sizes),
+        "shards_expected": expected,
+        "failures": dict(sum((Counter(s.reasons) for s in stats), Counter()).most_common()),
+        "key_scheme": f"shard * 10^{oom_sample(per_shard)} + row, {oom + oom_sample(per_shard)} digits",
+        "img2dataset": {"version": version, "python": python, "options": opts},
+    }
+    write_atomic(out / INFO, "# written by `neuclip data download`; registry fields: shards, num_samples, data_size\n"
+               + yaml.safe_dump(info, sort_keys=False))  # fmt: skip
+    write_atomic(out / REPORT, f"# {dataset}: img2dataset per-shard stats\n\n{report_table(stats)}\n")
+    echo(report_table(stats) if len(stats) <= 20 else report_table(stats).split("\n\n")[-1])
+    echo(f"\n{out / INFO}: num_samples {info['num_samples']}, data_size {info['data_size']}")
+    echo(f"registry entry: dataset_overrides: {{{dataset}: {{shards: '{info['shards']}', "
+         f"num_samples: {info['num_samples']}, data_size: {info['data_size']}}}}}")  # fmt: skip
+    if missing or (expected is not None and len(sizes) < expected):
+        raise DownloadError(
+            f"{len(sizes)} of {expected if expected is not None else '?'} shards finished"
+            + (f" ({', '.join(missing)} have stats but no tar)" if missing else "")
+            + ": run the same command again to resume"
+        )
+    return info
