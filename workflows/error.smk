@@ -1,7 +1,7 @@
 # The normaliser-error study: a shadow-estimator sweep over n and B (see neuclip/error_study/sweep.py).
 
 ERROR_DIR = f"{EXP_RUNS}/error_study"
-ERROR_FILES = ["errors.csv", "stress.csv", "stress.md", "error_vs_ratio.png", "error_over_steps.png"]
+ERROR_FILES = ["errors.csv", "fits.csv", "stress.csv", "stress.md", "error_vs_ratio.png", "error_over_steps.png"]
 
 
 def error_study_outputs():

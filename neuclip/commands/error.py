@@ -11,12 +11,21 @@ def register(sub) -> None:
     stages.required = True
     sweep = stages.add_parser(
         "sweep",
-        help="shadow-estimator sweep over n and B: errors.csv, stress tables, plots",
-        description="Train one trajectory per (n, B, seed) and score every estimator against exact normalisers.",
+        help="shadow-estimator sweep over n, B and budgets: errors, power-law fits, stress tables, plots",
+        description="Train one trajectory per (n, B, seed, budget) and score every estimator against exact "
+        "normalisers.",
     )
     sweep.add_argument("config", help="sweep YAML (see neuclip/error_study/sweep.py), e.g. workflows/configs/...")
     sweep.add_argument("--out", required=True, help="output folder")
     sweep.add_argument("--jobs", type=int, default=None, help="parallel processes (overrides the config)")
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="list the runs (steps, rows measured per budget) and run nothing"
+    )
+    sweep.add_argument(
+        "--unit-costs", nargs=3, type=float, metavar=("STEP_MS", "ROW_US", "ROW_ANCHOR_NS"), default=None,
+        help="with --dry-run: measured cost of one training step (ms), of embedding one row (us) and of one "
+        "(row, anchor) of the exact pass (ns); prints the estimated wall time",
+    )
     sweep.set_defaults(func=run_sweep)
     one = stages.add_parser(
         "run",
@@ -46,8 +55,18 @@ def run_sweep(args) -> int:
     cfg = load_config(args.config)
     if args.jobs is not None:
         cfg["jobs"] = args.jobs
+    if args.dry_run:
+        from neuclip.error_study.sweep import estimate_wall_seconds, plan, plan_summary
+
+        jobs = plan(cfg)
+        print(plan_summary(jobs).to_string(float_format="%.4g"))
+        if args.unit_costs:
+            wall = estimate_wall_seconds(jobs, *args.unit_costs, workers=int(cfg.get("jobs", 1)))
+            print(f"estimated wall time with {cfg.get('jobs', 1)} processes: {wall / 60:.0f} min")
+        return 0
     frame = run_sweep(cfg, args.out)
     last = frame[frame["step"] == frame["steps"]]
-    print(last.groupby(["method", "n_over_b"])["mse_log"].mean().unstack("method").to_string(float_format="%.3g"))
-    print(f"wrote {args.out}/errors.csv, stress.md and plots")
+    table = last.pivot_table(index=["budget", "batch_size", "n_over_b"], columns="method", values="mse_log", sort=False)
+    print(table.to_string(float_format="%.3g"))
+    print(f"wrote {args.out}/errors.csv, fits.csv, extrapolated.csv, summary.md, stress.md, timings.csv and plots")
     return 0
