@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 
 from neuclip.data.shards import key_width, write_tar
 
-VERSION = 1  # bump when the same seed would produce different data
+VERSION = 2  # bump when the same seed would produce different data
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLOURS = {
