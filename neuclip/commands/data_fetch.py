@@ -30,6 +30,23 @@ def register(data_sub) -> None:
     )  # fmt: skip
     dl.set_defaults(func=run_download)
 
+    fe = data_sub.add_parser(
+        "fetch-eval",
+        help="fetch the clip_benchmark evaluation sets a suite needs (as DataComp's download_evalsets.py)",
+        description=(
+            "For each task of SUITE missing under ROOT (the check `neuclip eval` makes), downloads "
+            "djghosh/wds_<task>_test from the Hugging Face Hub into ROOT/wds_<task>_test (resumable, files "
+            "verified by etag), and the nlphuji/... retrieval sets into ROOT/hf_cache with `datasets`. Sets "
+            "already present are listed and left alone. Without network it stops after one probe of --timeout "
+            "seconds, naming what is missing."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    fe.add_argument("suite", metavar="SUITE", help="tiny, datacomp38, imagenet_variants or retrieval")
+    fe.add_argument("--root", required=True, help="evaluation data root (the eval_data_root of the workflow)")
+    fe.add_argument("--timeout", type=float, default=10.0, help="seconds for the Hub probe and each file's etag")
+    fe.set_defaults(func=run_fetch_eval)
+
 
 def run_download(args) -> int:
     import yaml
@@ -48,3 +65,13 @@ def run_download(args) -> int:
         print(f"neuclip data download: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_fetch_eval(args) -> int:
+    from neuclip.eval.fetch import FetchError, fetch_eval
+
+    try:
+        return fetch_eval(args.suite, args.root, timeout=args.timeout)
+    except (FetchError, KeyError) as err:
+        print(f"neuclip data fetch-eval: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 1

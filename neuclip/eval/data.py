@@ -96,9 +96,8 @@ def format_missing(suite: str, data_root: Path, missing: list[Missing], total: i
         lines.append(f"      download:   {m.fix}")
     if any(not m.task.id.startswith("synth_") for m in missing):
         lines.append(
-            "Or all DataComp evaluation sets at once (needs `pip install datasets`): git clone "
-            "https://github.com/mlfoundations/datacomp && cd datacomp && python download_evalsets.py "
-            + shlex.quote(str(data_root))
+            f"Or all of them at once, as DataComp's download_evalsets.py does: neuclip data fetch-eval {suite} "
+            f"--root {shlex.quote(str(data_root))}"
         )
     return "\n".join(lines)
 
