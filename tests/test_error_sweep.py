@@ -218,7 +218,8 @@ def test_shipped_sweep_configs_load_and_plan(name, tmp_path):
     wf.validate_config(config)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config["error_study"]))
-    jobs = plan(load_config(path))
+    jobs = plan(load_config(path))  # the block alone (what the Snakemake rule writes) or the experiment config
+    assert plan(load_config(REPO / "workflows" / "configs" / f"{name}.yaml")) == jobs
     assert jobs and all(j["n"] >= 2 * j["batch_size"] for j in jobs)
     if name == "error_study_paper_ratios":
         assert max(j["n"] / j["batch_size"] for j in jobs) >= 2e5

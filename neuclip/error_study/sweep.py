@@ -45,8 +45,14 @@ ORDER = ["budget", "method", "batch_size", "n", "seed", "step"]
 
 
 def load_config(path: str | os.PathLike) -> dict:
+    """A sweep config, or an experiment config (workflows/configs/error_study*.yaml): its `error_study` block."""
     cfg = yaml.safe_load(Path(path).read_text()) or {}
-    check_config(cfg, str(path))
+    where = str(path)
+    if "experiment" in cfg:
+        if not cfg.get("error_study"):
+            raise KeyError(f"{path}: an experiment config without an error_study block; nothing to sweep")
+        cfg, where = cfg["error_study"], f"{path}: error_study"
+    check_config(cfg, where)
     return cfg
 
 
