@@ -1,6 +1,6 @@
 # Data: the synthetic set is generated; real shards are downloaded with img2dataset when the site names a URL
 # list (`dataset_overrides: {cc3m: {download: {url_list: /data/cc3m.tsv, processes_count: 32}}}`: url_list plus
-# any img2dataset options over neuclip/configs/download.yaml) into the folder of the registry's shard pattern,
+# any img2dataset options over neuclip/data/download.yaml) into the folder of the registry's shard pattern,
 # and optionally checked once (check_data: true). `snakemake download` fetches every such data set.
 
 import shlex

@@ -12,7 +12,7 @@ def register(data_sub) -> None:
         help="download image-text shards from a URL list with img2dataset (resumable)",
         description=(
             "Runs img2dataset (its own environment, `make img2dataset`) with DATASET's recipe from "
-            "neuclip/configs/download.yaml (FastCLIP's CC3M/CC12M layout, DataComp's settings for DataComp/DFN, "
+            "neuclip/data/download.yaml (FastCLIP's CC3M/CC12M layout, DataComp's settings for DataComp/DFN, "
             "uid kept), then writes OUT/sizes.json, OUT/dataset.yaml (shards, num_samples, data_size = max key "
             "+ 1 for the registry) and OUT/download_report.md (per-shard successes and failures by reason). "
             "Run it again to resume: finished shards are kept. A CC3M/CC12M TSV needs a header line "

@@ -2,7 +2,7 @@
 
 img2dataset runs in an environment of its own (`make img2dataset` makes `.venv-img2dataset/`; see
 requirements-img2dataset.txt for why), started as a separate program with the options of
-neuclip/configs/download.yaml for the data set, overridden by a site file and `--set`. We never imitate
+neuclip/data/download.yaml for the data set, overridden by a site file and `--set`. We never imitate
 what it writes; afterwards we only read its per-shard `NNNNN_stats.json` and add what the trainer and the
 registry need:
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-RECIPES = Path(__file__).resolve().parent.parent / "configs" / "download.yaml"
+RECIPES = Path(__file__).resolve().with_name("download.yaml")
 REPO = Path(__file__).resolve().parent.parent.parent
 VENV = REPO / ".venv-img2dataset"
 INFO = "dataset.yaml"
