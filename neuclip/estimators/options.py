@@ -87,8 +87,10 @@ def describe(schema: dict) -> str:
     bounds = [f">= {schema['minimum']}"] if "minimum" in schema else []
     bounds += [f"> {schema['exclusiveMinimum']}"] if "exclusiveMinimum" in schema else []
     bounds += [f"<= {schema['maximum']}"] if "maximum" in schema else []
+    bounds += [f"< {schema['exclusiveMaximum']}"] if "exclusiveMaximum" in schema else []
     if kind == "array" and "items" in schema:
-        count = f"{schema['minItems']} " if schema.get("minItems") == schema.get("maxItems") else ""
+        fixed = "minItems" in schema and schema["minItems"] == schema.get("maxItems")
+        count = f"{schema['minItems']} " if fixed else ""
         words = f"a list of {count}items, each {describe(schema['items'])}"
     return words + (" " + " and ".join(bounds) if bounds else "")
 

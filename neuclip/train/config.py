@@ -177,6 +177,9 @@ def _subschema(path, schema: dict) -> dict:
     node = schema
     for part in path:
         props = node.get("properties", {})
+        if part.isdigit() and isinstance(node.get("items"), dict):  # an item of a list (betas, report_to)
+            node = node["items"]
+            continue
         node = props[part] if part in props else node.get("additionalProperties") or {}
         if isinstance(node, dict) and "$ref" in node:
             ref = SCHEMA["definitions"][node["$ref"].rsplit("/", 1)[1]]

@@ -1,11 +1,19 @@
 """The run folder's bookkeeping files: config.yaml (the run's identity), provenance.json (one record per
 attempt) and metrics.jsonl (one line every `log_every` steps, with the progress bar and samples/s window
-that go with it). All whole-file writes go through neuclip/atomic.py."""
+that go with it). All whole-file writes go through neuclip/atomic.py.
+
+`train.report_to` adds mirrors of metrics.jsonl and error_curve.jsonl, which stay the source of truth:
+TensorBoard (RUN/tensorboard, torch's SummaryWriter, tags train/<key> and error/<key>) and W&B (RUN/wandb,
+offline unless WANDB_MODE says otherwise, the same keys). Both are optional packages (the `tracking` extra).
+The error tracker appends its line after the step's log line; it is forwarded at the next step, and when the
+log closes (a preemption too). A resume restarts both at the checkpoint's step: TensorBoard hides the dead
+attempt's later events (purge_step), W&B continues the same run id."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -127,9 +135,11 @@ class MetricsLog:
     The window's clock starts at the last logged line; `paused()` keeps time spent in it (the error
     measurement) out of the logged samples/s."""
 
-    def __init__(self, run_dir: Path, rank: int, batch: int, total: int, start: int):
+    def __init__(self, run_dir: Path, rank: int, batch: int, total: int, start: int, cfg: dict | None = None):
         self.batch, self.last = batch, {}
         self.file = open(run_dir / METRICS_FILE, "a") if rank == 0 else None  # noqa: SIM115
+        report_to = ((cfg or {}).get("train") or {}).get("report_to") or []
+        self.mirrors = Mirrors(run_dir, report_to, start, cfg) if rank == 0 else None
         self.bar = None
         if rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
@@ -139,6 +149,8 @@ class MetricsLog:
 
     def stepped(self) -> None:
         self.window_steps += 1
+        if self.mirrors is not None:
+            self.mirrors.poll_curve()
         if self.bar is not None:
             self.bar.update(1)
 
@@ -173,6 +185,8 @@ class MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(self.last) + "\n")
             self.file.flush()
+        if self.mirrors is not None:
+            self.mirrors.log("train", self.last)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tau=f"{tau:.4f}")
         self.window_start, self.window_steps, self.data_s = now, 0, 0.0
@@ -189,5 +203,78 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.mirrors is not None:
+            self.mirrors.close()
         if self.bar is not None:
             self.bar.close()
+
+
+MISSING = {
+    "tensorboard": "train.report_to has tensorboard but the tensorboard package is missing: pip install tensorboard "
+    "(or neuclip-bench[tracking]), or drop it from train.report_to",
+    "wandb": "train.report_to has wandb but the wandb package is missing: pip install wandb "
+    "(or neuclip-bench[tracking]), or drop it from train.report_to",
+}
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The numeric fields of a metrics/error-curve line (step is the x axis, not a scalar)."""
+    number = (int, float)
+    return {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, number) and not isinstance(v, bool)}
+
+
+class Mirrors:
+    """TensorBoard and W&B copies of metrics.jsonl lines and of error_curve.jsonl as it grows (rank 0)."""
+
+    def __init__(self, run_dir: Path, report_to: list[str], start: int, cfg: dict | None):
+        from neuclip.error_study.tracking import CURVE_FILE
+
+        self.curve, self.curve_pos, self.tb, self.wandb = run_dir / CURVE_FILE, 0, None, None
+        if self.curve.exists():  # lines up to the checkpoint were forwarded by the attempt that wrote them
+            self.curve_pos = self.curve.stat().st_size
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(MISSING["tensorboard"]) from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(MISSING["wandb"]) from None
+            ident = "neuclip-" + hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=6).hexdigest()
+            (run_dir / "wandb").mkdir(exist_ok=True)
+            self.wandb = wandb.init(
+                dir=str(run_dir), id=ident, resume="allow", name=run_dir.name, config=cfg or {},
+                mode=os.environ.get("WANDB_MODE", "offline"), project=os.environ.get("WANDB_PROJECT", "neuclip"),
+                settings=wandb.Settings(console="off", silent=True),
+            )  # fmt: skip
+
+    def log(self, prefix: str, record: dict) -> None:
+        step, values = int(record["step"]), scalars(record)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
+
+    def poll_curve(self) -> None:
+        """Forward the error curve's new complete lines (a stat per step while nothing changed)."""
+        if not self.curve.exists() or self.curve.stat().st_size == self.curve_pos:
+            return
+        with open(self.curve, "rb") as f:
+            f.seek(self.curve_pos)
+            data = f.read()
+        done = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
+        for line in data[:done].splitlines():
+            self.log("error", json.loads(line))
+        self.curve_pos += done
+
+    def close(self) -> None:
+        self.poll_curve()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

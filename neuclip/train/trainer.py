@@ -145,7 +145,7 @@ class _Trainer:
             steps_per_epoch=spe,
             ckpt_dir=self.ckpt_dir,
         )
-        log = MetricsLog(self.run_dir, self.proc.rank, self.geo.batch, total, start)
+        log = MetricsLog(self.run_dir, self.proc.rank, self.geo.batch, total, start, self.cfg)
         parts.model.train()
         step = start
         try:
