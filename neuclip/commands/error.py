@@ -62,7 +62,7 @@ def run_sweep(args) -> int:
         print(plan_summary(jobs).to_string(float_format="%.4g"))
         if args.unit_costs:
             wall = estimate_wall_seconds(jobs, *args.unit_costs, workers=int(cfg.get("jobs", 1)))
-            print(f"estimated wall time with {cfg.get('jobs', 1)} processes: {wall / 60:.0f} min")
+            print(f"estimated wall time with {cfg.get('jobs', 1)} processes: {wall / 60:.1f} min")
         return 0
     frame = run_sweep(cfg, args.out)
     last = frame[frame["step"] == frame["steps"]]

@@ -241,6 +241,7 @@ def summary(frame: pd.DataFrame, fits: pd.DataFrame, extra: pd.DataFrame, marker
     if len(extra):
         wide = extra.pivot_table(index=["budget", "batch_size", "method"], columns="dataset", values="mse_log_fit",
                                  sort=False)
+        wide = wide[[m["dataset"] for m in sorted(markers, key=lambda m: m["n_over_b"])]]  # columns by n/B
         names = ", ".join(f"{m['label']} {m['n_over_b']:.3g}" for m in markers)
         parts.append(f"## Fitted law at each paper data set's n/B ({names})\n\n"
                      + wide.reset_index().to_markdown(index=False, floatfmt=".3g") + "\n")
