@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Install the Debian packages the single-machine SLURM test cluster needs (Debian 12: SLURM 22.05, munge 0.5).
+# Install the Debian packages the tests need: the single-machine SLURM test cluster (Debian 12: SLURM 22.05,
+# munge 0.5) and Chromium, which opens the Snakemake HTML report headless (tests/test_report_html.py; ~21 s
+# and ~350 MB more when the package lists are fresh).
 # Idempotent: when every package is already installed it returns in well under a second, so CI can call it
 # unconditionally. Nothing auto-starts (no systemd in the containers); slurm/testcluster/start.sh runs the
 # daemons by hand.
 set -euo pipefail
 
-PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server chromium)
 
 missing=()
 for p in "${PKGS[@]}"; do
