@@ -1,11 +1,14 @@
-"""What the run folder and the scheduler say about a run's job: its name, RUN/job.json, whether it is
-still alive, and whether training is already complete.
+"""What the job folder and the scheduler say about a job of any kind (train, eval, error-run, error-sweep): its
+name, JOB_DIR/job.json, whether it is still alive, its attempts, and whether training is already complete.
 
-RUN/job.json records the last job submitted for the run (executor, job id, job name, submitit folder). A
-job is *alive* while SLURM still queues or runs it *for this run* (`scontrol show job`, whose StdOut must lie
-in the run's submitit folder, since ids restart on a fresh cluster) or while its local submitit controller
-process runs. A run has *finished training* when its newest checkpoint is the final step: the trainer writes
-that checkpoint before it exports the model and writes done.json.
+The job folder is the train run folder, or a stage's output folder (RUN/eval/SUITE, RUN/error, the sweep's
+folder). JOB_DIR/job.json records the last job submitted there (executor, job id, job name, submitit folder).
+A job is *alive* while SLURM still queues or runs it *for this folder* (`scontrol show job`, whose StdOut must
+lie in the folder's submitit folder, since ids restart on a fresh cluster) or while its local submitit
+controller process runs. JOB_DIR/provenance.json lists the attempts (the trainer writes its own; the launcher
+records the other kinds'), which is how a waiter tells a requeue from a failure. A run has *finished training*
+when its newest checkpoint is the final step: the trainer writes that checkpoint before it exports the model
+and writes done.json.
 """
 
 from __future__ import annotations
@@ -43,19 +46,26 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_=+-]+")  # "." is the separator, so it is rep
 
 
 def job_name(cfg: dict) -> str:
-    """The SLURM job name: the run's grid cell, `experiment.dataset.method[.variant].sSEED`.
+    """The SLURM job name: the grid cell and, but for training, the stage:
+    `experiment.dataset.method[.variant].sSEED[.STAGE]` (STAGE e.g. `eval-tiny`, `error`), or
+    `experiment.STAGE` for a stage of the whole experiment (the error sweep).
 
     Taken from the config's `meta` labels (the workflow fills them; variant "default" is left out). A name
     that had to be shortened or cleaned gets a 6-hex hash of the full cell, so names stay unique per grid.
-    A run started by hand (no meta) is named after its folder, `neuclip.PARENT.NAME.HASH`, the hash being
-    that of the absolute run_dir.
+    A job started by hand (no meta) is named after its folder, `neuclip.PARENT.NAME.HASH`, the hash being
+    that of the absolute folder.
     """
     meta = cfg.get("meta") or {}
+    stage = meta.get("stage") or "train"
+    tail = [] if stage == "train" else [stage + (f"-{meta['suite']}" if meta.get("suite") else "")]
     if all(meta.get(k) not in (None, "") for k in ("experiment", "dataset", "method", "seed")):
         raw = [meta["experiment"], meta["dataset"], meta["method"]]
         if meta.get("variant") not in (None, "", "default"):
             raw.append(meta["variant"])
-        raw.append(f"s{meta['seed']}")
+        raw += [f"s{meta['seed']}", *tail]
+        key, tagged = "\0".join(map(str, raw)), False
+    elif tail and meta.get("experiment") not in (None, "") and meta.get("dataset") in (None, ""):
+        raw = [meta["experiment"], *tail]
         key, tagged = "\0".join(map(str, raw)), False
     else:
         run_dir = Path(cfg["run_dir"]).absolute()
@@ -78,6 +88,31 @@ def job_name(cfg: dict) -> str:
 def write_job_record(run_dir: Path, record: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / JOB_FILE, record, indent=2)
+
+
+def record_attempt(job_dir: Path, rank: int = 0) -> None:
+    """Append this attempt to JOB_DIR/provenance.json (for the kinds whose work does not write one itself)."""
+    import datetime as dt
+    import os
+    import socket
+
+    if rank != 0:
+        return
+    path = Path(job_dir) / "provenance.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    doc.setdefault("attempts", []).append(
+        {
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "resumed_from_step": None,
+        }
+    )
+    write_json(path, doc, indent=2)
 
 
 def job_record(run_dir: Path) -> dict | None:

@@ -1,16 +1,26 @@
-"""Run a training job in this process or through submitit (local, debug or SLURM), and wait for it.
+"""Run a job of any kind (train, eval, error-run, error-sweep) in this process or through submitit (local, debug
+or SLURM), and wait for it.
 
-The job is `TrainJob(cfg)`: calling it trains (resuming from the run folder's newest checkpoint), and its
-`checkpoint()` hands submitit a *fresh* `TrainJob(cfg)` to requeue (dinov2's pattern): on timeout or
-preemption the trainer first writes its own checkpoint, then submitit requeues, and the next attempt resumes.
+A job is `Job(kind, cfg)`: `cfg` holds the job folder (`run_dir`), the `launcher` section (the one table of
+resource knobs, neuclip/train/schema.yaml) and `meta` labels; a train job's cfg is the whole train config,
+another kind's carries its command's arguments under `args`. Calling the job does the work; its
+`checkpoint()` hands submitit a *fresh* `Job(kind, cfg)` to requeue (dinov2's pattern). On timeout or
+preemption the work resumes from what it left on disk: the trainer from its own checkpoint (it writes one
+first), an evaluation from its finished task files (the runner skips every task whose result matches the
+model and task fingerprints), the error pass and the sweep by recomputing (each is a function of its
+inputs). With several tasks (`nodes` x `tasks_per_node`), torch.distributed's environment is exported
+(`TorchDistributedEnvironment`: MASTER_ADDR is the first node, RANK, WORLD_SIZE, LOCAL_RANK).
 
-Before submitting, `launch` reads the run folder (neuclip/jobs.py), not only done.json:
-- a job recorded in RUN/job.json that is still alive is re-attached to instead of submitting a second one;
-- a run whose newest checkpoint is its final step has finished training: it is exported and done.json
+Before submitting, `launch` reads the job folder (neuclip/jobs.py), not only the output file:
+- a job recorded in JOB_DIR/job.json that is still alive is re-attached to instead of submitting a second one;
+- a train run whose newest checkpoint is its final step has finished training: it is exported and done.json
   written here, in this process, with no job. That is what a forced rerun of a finished cell, or Snakemake's
-  rerun-incomplete after it deleted done.json, comes to.
+  rerun-incomplete after it deleted done.json, comes to;
+- with `supersede` (the workflow's train rule), a run folder holding a run of *another* identity (a changed
+  method option, seed, step budget, ...) is moved aside, to EXPERIMENT.superseded/STAMP/..., and the cell
+  trains afresh; without it that is an error, as before.
 Then it waits (neuclip/waiter.py): through requeues to the job's final state, and no longer than the
-process that started it lives. SLURM jobs are named after their grid cell (`jobs.job_name`).
+process that started it lives. SLURM jobs are named after their grid cell and stage (`jobs.job_name`).
 
 Executors are built by class (`submitit.SlurmExecutor`, `LocalExecutor`, `DebugExecutor`): the explicit
 form of `AutoExecutor(cluster=...)`, which would pick SLURM whenever `srun` is on PATH and cannot pass the
@@ -22,34 +32,59 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import importlib
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from neuclip.jobs import final_checkpoint, job_name, live_job, write_job_record
+from neuclip.jobs import final_checkpoint, job_name, live_job, record_attempt, write_job_record
 from neuclip.waiter import wait
 
-__all__ = ["TrainJob", "launch", "make_executor", "submit", "wait"]
+__all__ = ["KINDS", "Job", "TrainJob", "launch", "make_executor", "submit", "wait"]
 
 
-class TrainJob:
-    """The submitted callable: train (or resume) `cfg`; checkpointable for submitit's requeue."""
+@dataclass(frozen=True)
+class Kind:
+    command: str  # how messages name it
+    run: str  # "module:function" called with the job's cfg inside the job (imported there: no torch here)
+    distributed: bool  # several tasks share the work; otherwise the job must have one task
 
-    def __init__(self, cfg: dict):
-        self.cfg = cfg
 
-    def __call__(self) -> dict:
+KINDS = {
+    "train": Kind("neuclip train", "neuclip.train.trainer:train", True),
+    "eval": Kind("neuclip eval", "neuclip.launch:run_eval", False),
+    # on the training cell's allocation; see run_error for which ranks work
+    "error-run": Kind("neuclip error run", "neuclip.launch:run_error", True),
+    "error-sweep": Kind("neuclip error sweep", "neuclip.launch:run_sweep", False),
+}
+
+
+def _call(kind: str, cfg: dict):
+    module, function = KINDS[kind].run.split(":")
+    return getattr(importlib.import_module(module), function)(cfg)
+
+
+class Job:
+    """The submitted callable: do `kind`'s work for `cfg`; checkpointable for submitit's requeue."""
+
+    def __init__(self, kind: str, cfg: dict):
+        self.kind, self.cfg = kind, cfg
+
+    def __call__(self):
         import submitit
 
-        from neuclip.train.trainer import Preempted, train
+        from neuclip.train.trainer import Preempted
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK; each rank picks GPU local_rank itself.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        if self.kind != "train":  # the trainer records its attempts in RUN/provenance.json itself
+            record_attempt(Path(self.cfg["run_dir"]), env.global_rank)
         try:
-            return train(self.cfg)
+            return _call(self.kind, self.cfg)
         except Preempted:
             if env.global_rank > 0:
                 sys.exit(-1)  # like submitit's own handler: no result file, rank 0 requeues the job
@@ -58,98 +93,165 @@ class TrainJob:
     def checkpoint(self, *args, **kwargs):
         import submitit
 
-        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
+        return submitit.helpers.DelayedSubmission(Job(self.kind, self.cfg))
+
+
+class TrainJob(Job):
+    def __init__(self, cfg: dict):
+        super().__init__("train", cfg)
+
+
+# -- the work of the kinds other than train (called inside the job) --------------------------------------
+
+
+def run_eval(cfg: dict) -> dict:
+    from neuclip.eval.runner import evaluate_suite
+
+    a = cfg["args"]
+    return evaluate_suite(
+        a["model_dir"],
+        a["suite"],
+        a["data_root"],
+        cfg["run_dir"],
+        batch_size=a["batch_size"],
+        workers=a["workers"],
+        device=a.get("device"),
+        precision=a["precision"],
+        redo=a.get("redo", False),
+        progress=False,
+    )
+
+
+def run_error(cfg: dict) -> dict | None:
+    """The error pass on every rank once neuclip/error_study/run_error.py declares DISTRIBUTED = True (its pass
+    streams each rank's share and all-reduces, issue 14); until then rank 0 alone computes it, the others
+    return at once (so only one process holds the embeddings)."""
+    import os
+
+    from neuclip.error_study import run_error as pass_
+
+    a = cfg["args"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(pass_, "DISTRIBUTED", False):
+        if int(os.environ.get("RANK", "0")) > 0:
+            return None
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # one process: no process group to join
+            os.environ.pop(key, None)
+    return pass_.score_run(a["run"], anchors=a["anchors"], shards=a["shards"], batch=a["batch_size"])
+
+
+def run_sweep(cfg: dict) -> dict:
+    from neuclip.error_study.sweep import load_config, run_sweep
+
+    a = cfg["args"]
+    sweep = load_config(a["config"])
+    if a.get("jobs") is not None:
+        sweep["jobs"] = a["jobs"]
+    frame = run_sweep(sweep, cfg["run_dir"])
+    return {"out": cfg["run_dir"], "rows": len(frame)}
 
 
 # -- executors --------------------------------------------------------------------------------------------
 
 
-def make_executor(cfg: dict):
+def _tasks(la: dict) -> int:
+    return la["tasks_per_node"] or max(1, la["gpus_per_node"] or 0)
+
+
+def slurm_parameters(cfg: dict) -> dict:
+    """SlurmExecutor parameters from the launcher section: each key marked `x-slurm` in the schema passes
+    as is; the rest are shaped here (GPUs with their type, memory, time limit, tasks, the job name)."""
+    from neuclip.train.config import LAUNCHER
+
+    la = cfg["launcher"]
+    params = {name["x-slurm"]: la[key] for key, name in LAUNCHER.items() if "x-slurm" in name and la[key] is not None}
+    params.update(job_name=job_name(cfg), ntasks_per_node=_tasks(la), time=int(math.ceil(la["timeout_min"] or 60)))
+    gpus = la["gpus_per_node"] or 0
+    if gpus:
+        params["gpus_per_node"] = f"{la['gpu_type']}:{gpus}" if la["gpu_type"] else gpus
+    if la["mem_gb"]:
+        mem = la["mem_gb"]
+        params["mem"] = f"{int(mem)}GB" if mem == int(mem) else f"{int(mem * 1024)}MB"
+    if la["slurm_additional_parameters"]:
+        params["additional_parameters"] = dict(la["slurm_additional_parameters"])
+    return params
+
+
+def make_executor(cfg: dict, kind: str = "train"):
     """The submitit executor for `launcher.executor`, with the config's resources."""
     import submitit
 
+    from neuclip.train.config import ConfigError
+
     la = cfg["launcher"]
-    kind = la["executor"]
-    folder = Path(cfg["run_dir"]) / "submitit" / kind / "%j"
-    gpus = la["gpus_per_node"] or 0
-    tasks = la["tasks_per_node"] or max(1, gpus)
+    executor = la["executor"]
+    folder = Path(cfg["run_dir"]) / "submitit" / executor / "%j"
+    if not KINDS[kind].distributed and la["nodes"] * _tasks(la) > 1:
+        raise ConfigError(
+            f"{KINDS[kind].command} runs as one task, but its launcher asks for {la['nodes']} node(s) x "
+            f"{_tasks(la)} task(s): set tasks_per_node: 1 and nodes: 1 for this stage"
+        )
     max_timeouts = la["max_num_timeout"] if la["max_num_timeout"] is not None else 3
-    if kind == "debug":
+    if executor == "debug":
         return submitit.DebugExecutor(folder)
-    if kind == "local":
+    if executor == "local":
         if la["nodes"] != 1:
-            raise ValueError("launcher.nodes must be 1 with the local executor")
+            raise ConfigError("launcher.nodes must be 1 with the local executor")
         ex = submitit.LocalExecutor(folder, max_num_timeout=max_timeouts)
         params = {
-            "tasks_per_node": tasks,
-            "gpus_per_node": gpus,
+            "tasks_per_node": _tasks(la),
+            "gpus_per_node": la["gpus_per_node"] or 0,
             "timeout_min": float(la["timeout_min"] or 60),
         }
         if la["signal_delay_s"] is not None:
             params["signal_delay_s"] = int(la["signal_delay_s"])
         ex.update_parameters(**params)
         return ex
-    if kind == "slurm":
+    if executor == "slurm":
         ex = submitit.SlurmExecutor(folder, max_num_timeout=max_timeouts)
-        params = {
-            "job_name": job_name(cfg),
-            "nodes": la["nodes"],
-            "ntasks_per_node": tasks,
-            "time": int(math.ceil(la["timeout_min"] or 60)),
-        }
-        if gpus:
-            params["gpus_per_node"] = f"{la['gpu_type']}:{gpus}" if la["gpu_type"] else gpus
-        if la["cpus_per_task"]:
-            params["cpus_per_task"] = la["cpus_per_task"]
-        if la["mem_gb"]:
-            mem = la["mem_gb"]
-            params["mem"] = f"{int(mem)}GB" if mem == int(mem) else f"{int(mem * 1024)}MB"
-        for key in ("partition", "account", "qos"):
-            if la[key]:
-                params[key] = la[key]
-        if la["signal_delay_s"] is not None:
-            params["signal_delay_s"] = int(la["signal_delay_s"])
-        if la["slurm_additional_parameters"]:
-            params["additional_parameters"] = dict(la["slurm_additional_parameters"])
-        ex.update_parameters(**params)
+        ex.update_parameters(**slurm_parameters(cfg))
         return ex
-    raise ValueError(f"launcher.executor {kind!r} is not a submitit executor")
+    raise ConfigError(f"launcher.executor {executor!r} is not a submitit executor")
 
 
 # -- submitting, finishing, waiting -----------------------------------------------------------------------
 
 
-def _reattached(job, run_dir: Path):
-    print(f"neuclip train: re-attaching to job {job.job_id} (still alive) for {run_dir}", file=sys.stderr, flush=True)
+def _reattached(job, run_dir: Path, kind: str = "train"):
+    print(
+        f"{KINDS[kind].command}: re-attaching to job {job.job_id} (still alive) for {run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     return job
 
 
-def submit(cfg: dict):
-    """Re-attach to the run's live job, or submit a new one; returns the submitit Job."""
+def submit(cfg: dict, kind: str = "train"):
+    """Re-attach to the job folder's live job, or submit a new one; returns the submitit Job."""
     job = live_job(cfg) if cfg["launcher"]["executor"] != "debug" else None
-    return _reattached(job, Path(cfg["run_dir"])) if job is not None else _submit_new(cfg)
+    return _reattached(job, Path(cfg["run_dir"]), kind) if job is not None else _submit_new(cfg, kind)
 
 
-def _submit_new(cfg: dict):
+def _submit_new(cfg: dict, kind: str = "train"):
     run_dir = Path(cfg["run_dir"])
-    kind = cfg["launcher"]["executor"]
-    executor = make_executor(cfg)
-    job = executor.submit(TrainJob(cfg))
-    if kind != "debug":
+    executor = cfg["launcher"]["executor"]
+    ex = make_executor(cfg, kind)
+    job = ex.submit(Job(kind, cfg))
+    if executor != "debug":
         name = job_name(cfg)
         write_job_record(
             run_dir,
             {
-                "executor": kind,
+                "kind": kind,
+                "executor": executor,
                 "job_id": str(job.job_id),
                 "job_name": name,
-                "folder": str(executor.folder),
+                "folder": str(ex.folder),
                 "submitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "argv": sys.argv,
             },
         )
         print(
-            f"neuclip train: submitted {kind} job {job.job_id} ({name}); logs in {job.paths.folder}",
+            f"{KINDS[kind].command}: submitted {executor} job {job.job_id} ({name}); logs in {job.paths.folder}",
             file=sys.stderr,
             flush=True,
         )
@@ -182,33 +284,141 @@ def _finish_here(cfg: dict) -> int | None:
     return 0
 
 
-def launch(cfg: dict, *, detach: bool = False) -> int:
-    """Run the resolved config `cfg` with its launcher; returns the exit status."""
-    from neuclip.train.trainer import EXIT_PREEMPTED, Preempted, train
+def superseded_path(cfg: dict, stamp: str) -> Path:
+    """Where a run folder of another identity goes: EXPERIMENT.superseded/STAMP/<its place in the grid> beside
+    the experiment's runs (outside them, so the report and status never read it), or a sibling
+    NAME.superseded-STAMP for a run started by hand."""
+    run_dir = Path(cfg["run_dir"])
+    meta = cfg.get("meta") or {}
+    cell = [str(meta.get(k)) for k in ("dataset", "method", "variant")] + [f"seed{meta.get('seed')}"]
+    if len(run_dir.parts) > 5 and list(run_dir.parts[-4:]) == cell:
+        root = run_dir.parents[3]
+        return root.parent / f"{root.name}.superseded" / stamp / Path(*cell)
+    return run_dir.parent / f"{run_dir.name}.superseded-{stamp}"
+
+
+def supersede_stale(cfg: dict) -> Path | None:
+    """Move the run folder aside if it holds a run of another identity (its config.yaml differs on an identity
+    key); returns where it went. Refused while that run's job is alive."""
+    from neuclip.train.config import ConfigError, identity_diff, yaml_load
 
     run_dir = Path(cfg["run_dir"])
-    if (run_dir / "done.json").exists():
-        print(f"neuclip train: {run_dir} is already done (done.json); nothing to do", file=sys.stderr)
-        return 0
-    kind = cfg["launcher"]["executor"]
-    if kind == "inprocess":
-        try:
-            done = train(cfg)
-        except Preempted:
-            return EXIT_PREEMPTED
-        print(json.dumps(done), flush=True)
-        return 0
-    if kind == "debug":
-        return wait(_submit_new(cfg))  # the debug executor runs the job inside job.result()
+    try:
+        old = yaml_load((run_dir / "config.yaml").read_text())
+        diff = identity_diff(old, cfg)
+    except OSError:
+        return None
+    except (KeyError, TypeError, ValueError):
+        diff = ["(unreadable config.yaml)"]
+    if not diff:
+        return None
     job = live_job(cfg)
     if job is not None:
-        job = _reattached(job, run_dir)
+        raise ConfigError(
+            f"{run_dir} holds a run of another config ({'; '.join(diff)}) whose job {job.job_id} is still alive: "
+            "cancel it (scancel) or let it finish, then rerun"
+        )
+    dest = superseded_path(cfg, dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.rename(dest)
+    print(
+        f"neuclip train: {run_dir} held a run of another config ({'; '.join(diff)}); moved it to {dest} and "
+        "starting afresh",
+        file=sys.stderr,
+        flush=True,
+    )
+    return dest
+
+
+def launch(cfg: dict, *, kind: str = "train", detach: bool = False, supersede: bool = False) -> int:
+    """Run the resolved config `cfg` of job `kind` with its launcher; returns the exit status."""
+    from neuclip.train.trainer import EXIT_PREEMPTED, Preempted
+
+    run_dir = Path(cfg["run_dir"])
+    command = KINDS[kind].command
+    if kind == "train":
+        if supersede:
+            supersede_stale(cfg)
+        if (run_dir / "done.json").exists():
+            print(f"{command}: {run_dir} is already done (done.json); nothing to do", file=sys.stderr)
+            return 0
+    executor = cfg["launcher"]["executor"]
+    if executor == "inprocess":
+        try:
+            result = _call(kind, cfg)
+        except Preempted:
+            return EXIT_PREEMPTED
+        print(json.dumps(result), flush=True)
+        return 0
+    if executor == "debug":
+        return wait(_submit_new(cfg, kind), label=command)  # the debug executor runs the job in job.result()
+    job = live_job(cfg)
+    if job is not None:
+        job = _reattached(job, run_dir, kind)
     else:
-        status = _finish_here(cfg)
+        status = _finish_here(cfg) if kind == "train" else None
         if status is not None:
             return status
-        job = _submit_new(cfg)
+        job = _submit_new(cfg, kind)
     if detach:
         print(job.job_id, flush=True)
         return 0
-    return wait(job, run_dir)
+    return wait(job, run_dir, label=command)
+
+
+# -- the stage commands' side: `neuclip eval|error run|error sweep --launcher YAML` -------------------------
+
+
+def add_arguments(parser) -> None:
+    """--launcher and --detach for a stage command."""
+    parser.add_argument(
+        "--launcher",
+        metavar="YAML",
+        default=None,
+        help="run as a job with this launcher section (the train config's launcher keys: executor, site, nodes, "
+        "gpus_per_node, timeout_min, ...), as a YAML mapping or a file holding one, e.g. "
+        "'{executor: slurm, site: slurm/site.yaml, gpus_per_node: 1}'; default: in this process",
+    )
+    parser.add_argument(
+        "--detach", action="store_true", help="with --launcher: submit and return without waiting (prints the job id)"
+    )
+
+
+def parse_launcher(text: str) -> dict:
+    """A --launcher value (YAML mapping, or a YAML file) as a complete, validated launcher section."""
+    from neuclip.train.config import ConfigError, launcher_section, yaml_load
+
+    path = Path(text)
+    source = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
+    given = yaml_load(source)
+    if not isinstance(given, dict):
+        raise ConfigError(f"--launcher must be a YAML mapping (or a file holding one), got {text!r}")
+    return launcher_section(given)
+
+
+def run_meta(run_dir: Path) -> dict:
+    """The labels of a train run (its config.yaml's meta), for naming its stage jobs after its cell."""
+    from neuclip.train.config import yaml_load
+
+    try:
+        return dict(yaml_load((Path(run_dir) / "config.yaml").read_text()).get("meta") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def launch_stage(kind: str, job_dir, args: dict, launcher: str, *, meta: dict, detach: bool = False) -> int:
+    """Run a stage command's work (`args`) as a `kind` job in `job_dir` with the --launcher value given."""
+    from neuclip.train.config import ConfigError
+
+    try:
+        la = parse_launcher(launcher)
+    except (ConfigError, OSError) as err:
+        print(f"{KINDS[kind].command}: launcher error: {err}", file=sys.stderr)
+        return 2
+    cfg = {"run_dir": str(Path(job_dir).resolve()), "launcher": la, "meta": meta, "args": args}
+    Path(cfg["run_dir"]).mkdir(parents=True, exist_ok=True)
+    try:
+        return launch(cfg, kind=kind, detach=detach)
+    except ConfigError as err:
+        print(f"{KINDS[kind].command}: error: {err}", file=sys.stderr)
+        return 2

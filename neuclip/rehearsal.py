@@ -93,11 +93,12 @@ def _shrink_error(err: dict | None, r: dict) -> dict:
 
 
 def _world(config: dict, dataset: str, r: dict) -> int:
-    res = _shrink_resources(_merge(config.get("resources"), (config.get("per_dataset") or {}).get(dataset, {})
-                                   .get("resources")), r)
+    from neuclip.workflow import stage_launcher
+
+    res = stage_launcher(config, "train", dataset)  # the shrunk config's: resources, per_dataset and stages
     if config.get("launcher", "inprocess") == "inprocess":
         return 1
-    return int(res.get("nodes", 1)) * max(1, int(res.get("gpus_per_node") or 1))
+    return int(res.get("nodes", 1)) * max(1, int(res.get("tasks_per_node") or res.get("gpus_per_node") or 1))
 
 
 def _sampled_cells(datasets: list[str], methods: list[str]) -> list[str]:
@@ -145,6 +146,8 @@ def rehearse(config: dict) -> dict:
     c["dataset_overrides"] = _merge(c.get("dataset_overrides"), overrides)
     c["model"] = tiny_model(c.get("model", "tiny-vit"))
     c["resources"] = _shrink_resources(c.get("resources"), r)
+    if c.get("stages"):  # the same caps on each stage's own resources (the same keys, one table)
+        c["stages"] = {stage: _shrink_resources(res, r) for stage, res in c["stages"].items()}
     c["data_loader"] = {**(c.get("data_loader") or {})}
     if "workers" in c["data_loader"]:
         c["data_loader"]["workers"] = min(int(c["data_loader"]["workers"]), int(r["workers"]))

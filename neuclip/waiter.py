@@ -8,7 +8,8 @@ once the next attempt starts (each attempt appends itself to RUN/provenance.json
 
 The waiter stops when the process that started it exits: its parent or grandparent, i.e. Snakemake and the
 shell it runs a rule in **(choice: two levels)**. So a killed driver leaves no pollers behind; the job keeps
-running, and the next `neuclip train` of the same config re-attaches to it (neuclip/jobs.py). A waiter
+running, and the next `neuclip train` (or eval, error run, error sweep) of the same job re-attaches to it
+(neuclip/jobs.py). A waiter
 started with `nohup ... &` from a shell that then exits stops too; use `neuclip train --detach` for that.
 """
 
@@ -78,10 +79,10 @@ class _Waiter:
     has started), the exception that ended each attempt, and the scheduler's last state with its poll timer.
     """
 
-    def __init__(self, job, run_dir: Path):
+    def __init__(self, job, run_dir: Path, label: str = "neuclip train"):
         from submitit.core.utils import JobPaths
 
-        self.job, self.run_dir = job, Path(run_dir)
+        self.job, self.run_dir, self.label = job, Path(run_dir), label
         self.is_slurm = type(job).__name__ == "SlurmJob"
         self.paths = JobPaths(job.paths.folder, job_id=str(job.job_id), task_id=0)  # rank 0's result
         self.ancestors = _ancestors()
@@ -122,7 +123,7 @@ class _Waiter:
             return []
 
     def _say(self, msg: str) -> None:
-        print(f"neuclip train: job {self.job.job_id}: {msg}", file=sys.stderr, flush=True)
+        print(f"{self.label}: job {self.job.job_id}: {msg}", file=sys.stderr, flush=True)
 
     # -- one poll ------------------------------------------------------------------------------------
     def _follow_attempts(self) -> None:
@@ -132,10 +133,8 @@ class _Waiter:
             if number > 1:
                 why = self.errors.get(number - 1, "stopped by a signal")
                 start = attempts[number - 1].get("resumed_from_step")
-                self._say(
-                    f"attempt {number - 1} was preempted or timed out ({why}); attempt {number} resumes "
-                    f"from step {start}"
-                )
+                where = f"resumes from step {start}" if start is not None else "resumes (finished work is kept)"
+                self._say(f"attempt {number - 1} was preempted or timed out ({why}); attempt {number} {where}")
             if self.pending_error is not None:  # an attempt followed it: it was not the job's last word
                 self.stale_result, self.pending_error = self.seen_result, None
         self.n_attempts = max(self.n_attempts, len(attempts))
@@ -213,18 +212,19 @@ class _Waiter:
         return status
 
 
-def wait(job, run_dir: Path | None = None) -> int:
+def wait(job, run_dir: Path | None = None, label: str = "neuclip train") -> int:
     """Wait for `job` through its requeues; 0 on success, 1 (with the remote traceback) on a final failure,
-    EXIT_DRIVER_GONE if the process that started this one exits first."""
+    EXIT_DRIVER_GONE if the process that started this one exits first. `run_dir` is the job folder (its
+    provenance.json lists the attempts); `label` prefixes the messages (the command that waits)."""
     if type(job).__name__ == "DebugJob":  # the debug executor runs the job here, inside result()
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
         try:
             done = job.result()
         except (FailedJobError, UncompletedJobError) as err:
-            print(f"neuclip train: debug job failed:\n{err}", file=sys.stderr, flush=True)
+            print(f"{label}: debug job failed:\n{err}", file=sys.stderr, flush=True)
             return 1
         print(json.dumps(done), flush=True)
         return 0
     # The job folder is RUN/submitit/<executor>/<job id>.
-    return _Waiter(job, Path(run_dir) if run_dir else Path(job.paths.folder).parents[2]).run()
+    return _Waiter(job, Path(run_dir) if run_dir else Path(job.paths.folder).parents[2], label).run()

@@ -154,13 +154,6 @@ def train_config(config: dict, run: Run) -> dict:
         data_size = int(entry.get("data_size") or num_samples)
     else:
         num_samples, data_size = entry.get("num_samples"), entry.get("data_size")
-    launcher = deep_merge(config.get("resources") or {}, ds.get("resources"))
-    launcher["executor"] = config.get("launcher", "inprocess")
-    if config.get("slurm_site"):
-        site = Path(config["slurm_site"])
-        if not site.is_absolute() and not site.exists() and (REPO / site).exists():
-            site = REPO / site  # the profile names it relative to the repo; snakemake may run elsewhere
-        launcher["site"] = str(site)
     return {
         "run_dir": str(run_dir(config, run)),
         "seed": run.seed,
@@ -172,7 +165,7 @@ def train_config(config: dict, run: Run) -> dict:
         "method": dict(zip(("name", "options", "common_options"), (run.method, *method_options(config, run)))),
         "train": deep_merge(config.get("train") or {}, ds.get("train")),
         "error": deep_merge(config.get("error_tracking") or {}, ds.get("error_tracking")),
-        "launcher": launcher,
+        "launcher": stage_launcher(config, "train", run.dataset),
         "meta": {
             "experiment": config["experiment"],
             "dataset": run.dataset,
@@ -184,6 +177,112 @@ def train_config(config: dict, run: Run) -> dict:
     }
 
 
+# -- per-stage launchers ------------------------------------------------------------------------------------
+# Every stage that computes is a job of the one launcher (neuclip/launch.py). Its launcher section, lowest
+# first: slurm/site.yaml (merged by the launcher) < `resources` < `per_dataset.<set>.resources` < the stage's
+# shape below < `stages.<stage>`. Keys are the train config's launcher keys (neuclip/train/schema.yaml).
+STAGES = ("train", "eval", "error_run", "error_sweep")
+STAGE_SHAPE = {
+    "train": {},
+    "eval": {"nodes": 1, "gpus_per_node": 1, "tasks_per_node": 1},  # one process on one GPU
+    # the training cell's allocation (sized to its data set in per_dataset): the error pass embeds the same
+    # data with the same model; neuclip/launch.py run_error says which ranks work
+    "error_run": {},
+    "error_sweep": {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1},  # CPU only; cpus_per_task = its jobs
+}
+
+
+def _site_path(config: dict) -> str | None:
+    if not config.get("slurm_site"):
+        return None
+    site = Path(config["slurm_site"])
+    if not site.is_absolute() and not site.exists() and (REPO / site).exists():
+        site = REPO / site  # the profile names it relative to the repo; snakemake may run elsewhere
+    return str(site)
+
+
+def sweep_jobs(config: dict) -> int:
+    return int((config.get("error_study") or {}).get("jobs") or 2)
+
+
+def stage_launcher(config: dict, stage: str, dataset: str | None = None) -> dict:
+    """The launcher section of `stage`'s job for a cell of `dataset` (None: a stage of the whole experiment)."""
+    ds = per_dataset(config, dataset) if dataset else {}
+    la = deep_merge(deep_merge(config.get("resources") or {}, ds.get("resources")), STAGE_SHAPE[stage])
+    if stage == "error_sweep":
+        la["cpus_per_task"] = sweep_jobs(config)
+    la = deep_merge(la, (config.get("stages") or {}).get(stage))
+    la["executor"] = config.get("launcher", "inprocess")
+    if _site_path(config):
+        la["site"] = _site_path(config)
+    return la
+
+
+# -- what reruns a job -----------------------------------------------------------------------------------
+# Snakemake reruns a job when a rule's params change. The rules' params carry a job's identity; its run
+# settings (resources, launcher, loader workers, intervals, eval batch size) reach the command as Untracked
+# values, which Snakemake's params trigger skips, so changing them never reruns finished work.
+
+
+class Untracked:
+    """A value for a rule's shell command that is not part of the job's identity. Snakemake records a param for
+    its rerun trigger only if it is a builtin value (snakemake.persistence `_serialize_param`: str, int, dict,
+    ...; anything else is UNREPRESENTABLE and skipped), so this wrapper reaches `{params.x}` (through str())
+    without making a changed value rerun the job. tests/test_pipeline.py checks it with a real dry run."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Untracked({self.text!r})"
+
+
+def _flow(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9, sort_keys=False)
+    return text.strip().removesuffix("...").strip()
+
+
+def _full(config: dict, run: Run) -> dict:
+    from neuclip.train.config import DEFAULTS, _merge
+
+    return _merge(copy.deepcopy(DEFAULTS), train_config(config, run))
+
+
+def identity(config: dict, run: Run) -> dict:
+    """The run's identity keys and values (neuclip.train.config.IDENTITY_KEYS, defaults filled): the train
+    rules' params, so exactly these rerun a cell."""
+    from neuclip.train.config import IDENTITY_KEYS, get
+
+    cfg = _full(config, run)
+    return {key: get(cfg, key) for key in IDENTITY_KEYS}
+
+
+def train_settings(config: dict, run: Run) -> Untracked:
+    """The run settings as `neuclip train` overrides (`launcher={...}` ...): passed at run time, so a cell
+    that (re)trains uses the current ones even when its config file was written before they changed."""
+    import shlex
+
+    from neuclip.train.config import run_settings
+
+    parts = [f"{section}={_flow(values)}" for section, values in run_settings(_full(config, run)).items()]
+    return Untracked(" ".join(shlex.quote(p) for p in parts))
+
+
+def stage_settings(config: dict, stage: str, dataset: str | None = None, **options) -> Untracked:
+    """`--OPTION VALUE ... --launcher '{...}'` for a stage command: its run settings, untracked."""
+    import shlex
+
+    words = []
+    for key, value in options.items():
+        if value is not None:
+            words += [f"--{key.replace('_', '-')}", str(value)]
+    words += ["--launcher", _flow(stage_launcher(config, stage, dataset))]
+    return Untracked(" ".join(shlex.quote(w) for w in words))
+
+
 SCHEMA = REPO / "workflows" / "schema.yaml"
 
 
@@ -191,10 +290,21 @@ def schema() -> dict:
     """The experiment schema with its enums filled from the registries: methods from the estimator classes,
     data sets from datasets.yaml (workflows/schema.yaml leaves them empty, so no list is written twice)."""
     from neuclip.estimators.registry import method_names
+    from neuclip.train.config import RESOURCE_KEYS
+    from neuclip.train.config import SCHEMA as TRAIN_SCHEMA
 
     doc = yaml.safe_load(SCHEMA.read_text())
     doc["definitions"]["method"]["enum"] = method_names()
     doc["definitions"]["dataset"]["enum"] = list(_registry_file())
+    # resources: the train config's launcher keys (one table, neuclip/train/schema.yaml), but executor and site
+    launcher = TRAIN_SCHEMA["properties"]["launcher"]["properties"]
+    for name in ("safe_string", "positive_int_or_null"):
+        doc["definitions"][name] = TRAIN_SCHEMA["definitions"][name]
+    doc["definitions"]["resources"] = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {k: {key: v for key, v in launcher[k].items() if key != "default"} for k in RESOURCE_KEYS},
+    }
     return doc
 
 
@@ -221,10 +331,19 @@ def validate_config(config: dict) -> None:
 
     from snakemake.utils import validate
 
+    from neuclip.train.config import RESOURCE_KEYS, check_keys
+
     doc = schema()
     unknown = sorted(set(config) - set(doc["properties"]))
     if unknown:
         raise KeyError(f"unknown config key(s) {unknown}; allowed keys: {', '.join(sorted(doc['properties']))}")
+    sections = {"resources": config.get("resources")}
+    sections.update({f"per_dataset.{d}.resources": (v or {}).get("resources")
+                     for d, v in (config.get("per_dataset") or {}).items()})
+    sections.update({f"stages.{s}": v for s, v in (config.get("stages") or {}).items()})
+    for where, section in sections.items():
+        if isinstance(section, dict):  # old spellings get their new name; the schema checks the rest
+            check_keys(section, RESOURCE_KEYS, f"experiment config {where}", "resource key")
     with tempfile.TemporaryDirectory() as tmp:  # snakemake's validate takes a file
         path = Path(tmp) / "schema.yaml"
         path.write_text(yaml.safe_dump(doc))

@@ -219,7 +219,7 @@ def _slurm_cfg(tmp_path: Path, synth_data: Path, **launcher) -> dict:
     site = tmp_path / "site.yaml"
     site.write_text(
         "partition: gpu\naccount: proj1\ngpu_type: h100\ngpus_per_node: 4\ncpus_per_task: 8\n"
-        "mem_gb: 64\ntime_min: 240\nmax_num_timeout: 7\nadditional_parameters: {constraint: ib}\n"
+        "mem_gb: 64\ntimeout_min: 240\nmax_num_timeout: 7\nslurm_additional_parameters: {constraint: ib}\n"
     )
     extra = {"launcher.executor": "slurm", "launcher.site": str(site), "launcher.nodes": 2}
     extra.update({f"launcher.{k}": v for k, v in launcher.items()})

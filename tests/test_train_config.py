@@ -130,7 +130,7 @@ def test_shipped_configs_load(tmp_path):
 def test_resolve_fills_counts_paths_and_site_defaults(synth_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     site = tmp_path / "site.yaml"
-    site.write_text("partition: debug\ngpus_per_node: 2\ntime_min: 30\nadditional_parameters: {constraint: x}\n")
+    site.write_text("partition: debug\ngpus_per_node: 2\ntimeout_min: 30\nslurm_additional_parameters: {constraint: x}\n")
     shards = str(synth_data / "train" / "{00000..00002}.tar")
     cfg = resolve(
         load_config(
@@ -163,8 +163,26 @@ def test_resolve_fills_counts_paths_and_site_defaults(synth_data, tmp_path, monk
                 ],
             )
         )
+    # the spellings site.yaml had before it shared the launcher's names: refused, naming the new one
+    for old, new in (("time_min: 30", "'timeout_min'"), ("additional_parameters: {}", "'slurm_additional_parameters'")):
+        site.write_text(f"partition: debug\n{old}\n")
+        with pytest.raises(ConfigError, match=f"is now {new}"):
+            resolve(load_config(None, ["run_dir=r", f"data.train_shards={shards}", "launcher.site=site.yaml",
+                                       "train.global_batch_size=16"]))
     with pytest.raises(ConfigError, match="train_shards"):
         resolve(load_config(None, ["run_dir=r"]))
+
+
+def test_identity_keys_are_every_key_but_the_run_settings():
+    from neuclip.train.config import DEFAULTS, IDENTITY_KEYS, run_settings
+
+    must = {"seed", "model", "data.train_shards", "method.options", "train.max_steps", "train.epochs", "train.lr"}
+    assert must <= set(IDENTITY_KEYS)
+    settings = run_settings(DEFAULTS)
+    assert set(settings["launcher"]) == set(DEFAULTS["launcher"])  # resources and the executor: never identity
+    assert {"workers"} <= set(settings["data"]) and {"log_every", "checkpoint_every"} <= set(settings["train"])
+    flat = {f"{s}.{k}" for s, keys in settings.items() for k in keys}
+    assert not flat & set(IDENTITY_KEYS)  # a key is one or the other
 
 
 def test_a_rerun_with_a_changed_config_is_refused(synth_data, tmp_path):

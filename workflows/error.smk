@@ -8,24 +8,39 @@ def error_study_outputs():
     return [f"{ERROR_DIR}/{f}" for f in ERROR_FILES] if config.get("error_study") else []
 
 
+# The sweep's config file: tracked (a changed grid, budget or shadow reruns the sweep); `jobs` is a setting.
+rule error_sweep_config:
+    output:
+        f"{ERROR_DIR}/sweep.yaml",
+    params:
+        sweep={k: v for k, v in (config.get("error_study") or {}).items() if k != "jobs"},
+    localrule: True
+    run:
+        import yaml
+
+        from neuclip.atomic import write_atomic
+
+        write_atomic(output[0], yaml.safe_dump(params.sweep, sort_keys=False))
+
+
+# A job of the launcher (stage `error_sweep`: CPU only, cpus_per_task = its processes).
 rule error_sweep:
+    input:
+        f"{ERROR_DIR}/sweep.yaml",
     output:
         [f"{ERROR_DIR}/{f}" for f in ERROR_FILES],
     params:
-        sweep=config.get("error_study"),
+        settings=lambda w: wf.stage_settings(
+            config, "error_sweep", jobs=wf.sweep_jobs(config), experiment=config["experiment"]
+        ),
     log:
         f"{EXP_RUNS}/logs/error_sweep.log",
-    threads: 2
-    run:
-        import yaml
-        from pathlib import Path
-
-        Path(ERROR_DIR).mkdir(parents=True, exist_ok=True)
-        Path(f"{ERROR_DIR}/sweep.yaml").write_text(yaml.safe_dump(params.sweep, sort_keys=False))
-        shell("neuclip error sweep {ERROR_DIR}/sweep.yaml --out {ERROR_DIR} --jobs {threads} > {log:q} 2>&1")
+    shell:
+        "neuclip error sweep {input:q} --out {ERROR_DIR:q} {params.settings} > {log:q} 2>&1"
 
 
-# Each training run's own estimate against exact normalisers over its training data (newest checkpoint).
+# Each training run's own estimate against exact normalisers over its training data (newest checkpoint), as a
+# job of the launcher (stage `error_run`: the training cell's allocation).
 from neuclip.estimators.registry import scored_methods
 
 SCORED_METHODS = set(scored_methods())  # derived from each estimator's estimate_kind
@@ -42,7 +57,8 @@ rule error_run:
         f"{EXP_RUNS}/{RUN}/error/error.json",
     params:
         run=f"{EXP_RUNS}/{RUN}",
+        settings=lambda w: wf.stage_settings(config, "error_run", w.dataset),
     log:
         f"{EXP_RUNS}/logs/error_run/{RUN}.log",
     shell:
-        "neuclip error run {params.run:q} --anchors 2048 > {log:q} 2>&1"
+        "neuclip error run {params.run:q} --anchors 2048 {params.settings} > {log:q} 2>&1"

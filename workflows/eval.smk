@@ -1,4 +1,6 @@
-# Evaluation: clip_benchmark on the run's exported model, one summary.json per suite.
+# Evaluation: clip_benchmark on the run's exported model, one summary.json per suite, as a job of the launcher
+# (stage `eval`: one GPU, its own time limit; requeued, it resumes past the finished tasks). Tracked: the model
+# (done.json), the suite, data and precision; batch size, workers and the launcher are untracked settings.
 
 
 def eval_summary(run, suite):
@@ -18,13 +20,17 @@ rule evaluate:
         model=f"{EXP_RUNS}/{RUN}/model",
         out=f"{EXP_RUNS}/{RUN}/eval/{{suite}}",
         root=lambda w: wf.eval_data_root(config, w.dataset),
-        batch=config.get("eval", {}).get("batch_size", 256),
-        workers=config.get("eval", {}).get("workers", 4),
         # eval.precision when set; otherwise the CLI's default (DataComp's choices) applies
         precision=lambda w: f"--precision {p}" if (p := config.get("eval", {}).get("precision")) else "",
+        settings=lambda w: wf.stage_settings(
+            config,
+            "eval",
+            w.dataset,
+            batch_size=config.get("eval", {}).get("batch_size", 256),
+            workers=config.get("eval", {}).get("workers", 4),
+        ),
     log:
         f"{EXP_RUNS}/logs/eval/{RUN}/{{suite}}.log",
     shell:
         "neuclip eval --model-dir {params.model:q} --suite {wildcards.suite} --data-root {params.root:q}"
-        " --out {params.out:q} --batch-size {params.batch} --workers {params.workers} {params.precision}"
-        " --no-progress > {log:q} 2>&1"
+        " --out {params.out:q} {params.precision} --no-progress {params.settings} > {log:q} 2>&1"

@@ -1,6 +1,9 @@
-# Training: one run folder per (dataset, method, variant, seed). The rule writes the run's full
-# `neuclip train` config (tracked through params, so a changed setting reruns it) and calls the launcher,
-# which trains in-process or submits to SLURM through submitit (launcher: slurm) and waits.
+# Training: one run folder per (dataset, method, variant, seed). `train_config` writes the run's full
+# `neuclip train` config; `train` calls the launcher, which trains in-process or submits to SLURM through
+# submitit (launcher: slurm) and waits. What reruns a cell is its identity alone (neuclip.train.config
+# IDENTITY_KEYS: model, data, method and its options, seed, batch, schedule, step budget): those are
+# train_config's params. Its run settings (resources, launcher, loader workers, log and checkpoint intervals,
+# error tracking) reach the command as untracked overrides, current at run time (neuclip/workflow.py).
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
@@ -21,14 +24,14 @@ rule train_config:
     output:
         f"{EXP_RUNS}/configs/{RUN}.yaml",
     params:
-        cfg=lambda w: wf.train_config(config, run_of(w)),
+        identity=lambda w: wf.identity(config, run_of(w)),
     localrule: True
     run:
         import yaml
 
         from neuclip.atomic import write_atomic
 
-        write_atomic(output[0], yaml.safe_dump(params.cfg, sort_keys=False))
+        write_atomic(output[0], yaml.safe_dump(wf.train_config(config, run_of(wildcards)), sort_keys=False))
 
 
 rule train:
@@ -37,7 +40,9 @@ rule train:
         data=lambda w: str(wf.data_marker(config, w.dataset)),
     output:
         f"{EXP_RUNS}/{RUN}/done.json",
+    params:
+        settings=lambda w: wf.train_settings(config, run_of(w)),
     log:
         f"{EXP_RUNS}/logs/train/{RUN}.log",
     shell:
-        "neuclip train {input.cfg:q} > {log:q} 2>&1"
+        "neuclip train {input.cfg:q} --supersede {params.settings} > {log:q} 2>&1"

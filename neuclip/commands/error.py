@@ -18,6 +18,7 @@ def register(sub) -> None:
     sweep.add_argument("config", help="sweep YAML (see neuclip/error_study/sweep.py), e.g. workflows/configs/...")
     sweep.add_argument("--out", required=True, help="output folder")
     sweep.add_argument("--jobs", type=int, default=None, help="parallel processes (overrides the config)")
+    sweep.add_argument("--experiment", default=None, help="with --launcher: name the job EXPERIMENT.error_sweep")
     sweep.add_argument(
         "--dry-run", action="store_true", help="list the runs (steps, rows measured per budget) and run nothing"
     )
@@ -26,6 +27,9 @@ def register(sub) -> None:
         help="with --dry-run: measured cost of one training step (ms), of embedding one row (us) and of one "
         "(row, anchor) of the exact pass (ns); prints the estimated wall time",
     )
+    from neuclip.launch import add_arguments
+
+    add_arguments(sweep)  # --launcher YAML: the sweep as a job (CPU only), OUT its folder; --detach
     sweep.set_defaults(func=run_sweep)
     one = stages.add_parser(
         "run",
@@ -38,11 +42,22 @@ def register(sub) -> None:
         "--shards", type=int, default=None, help="embed only the first N training shards (exact alpha* over those)"
     )
     one.add_argument("--batch-size", type=int, default=256, help="embedding batch size")
+    add_arguments(one)  # --launcher YAML: the pass as a job, RUN/error its folder; --detach
     one.set_defaults(func=run_one)
 
 
 def run_one(args) -> int:
     from neuclip.error_study.run_error import score_run
+
+    if args.launcher is not None:
+        from pathlib import Path
+
+        from neuclip.launch import launch_stage, run_meta
+
+        run = Path(args.run_dir).resolve()
+        work = {"run": str(run), "anchors": args.anchors, "shards": args.shards, "batch_size": args.batch_size}
+        meta = {**run_meta(run), "stage": "error"}
+        return launch_stage("error-run", run / "error", work, args.launcher, meta=meta, detach=args.detach)
 
     row = score_run(args.run_dir, anchors=args.anchors, shards=args.shards, batch=args.batch_size)
     print(json.dumps(row, indent=2))
@@ -52,6 +67,15 @@ def run_one(args) -> int:
 def run_sweep(args) -> int:
     from neuclip.error_study.sweep import load_config, run_sweep
 
+    if args.launcher is not None and not args.dry_run:
+        from pathlib import Path
+
+        from neuclip.launch import launch_stage
+
+        out = Path(args.out).resolve()
+        work = {"config": str(Path(args.config).resolve()), "jobs": args.jobs}
+        meta = {"experiment": args.experiment, "stage": "error_sweep"} if args.experiment else {}
+        return launch_stage("error-sweep", out, work, args.launcher, meta=meta, detach=args.detach)
     cfg = load_config(args.config)
     if args.jobs is not None:
         cfg["jobs"] = args.jobs

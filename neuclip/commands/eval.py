@@ -49,11 +49,17 @@ def register(sub) -> None:
     )
     parser.add_argument("--redo", action="store_true", help="recompute every task, ignoring finished task files")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    from neuclip.launch import add_arguments
+
+    add_arguments(parser)  # --launcher YAML (run as a job: OUT is its folder), --detach
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from neuclip.eval.runner import ForeignResultsError, MissingDataError, evaluate_suite
+
+    if args.launcher is not None:
+        return _launch(args)
 
     try:
         summary = evaluate_suite(
@@ -78,3 +84,24 @@ def run(args) -> int:
             print(f"{'[' + group + ']':<16} {'mean':<22} {value:.4f}")
     print(f"wrote {args.out}/summary.json")
     return 0
+
+
+def _launch(args) -> int:
+    """The evaluation as a job (neuclip/launch.py): OUT is the job folder, named after the run's cell."""
+    from pathlib import Path
+
+    from neuclip.launch import launch_stage, run_meta
+
+    model_dir = Path(args.model_dir).resolve()
+    work = {
+        "model_dir": str(model_dir),
+        "suite": args.suite,
+        "data_root": str(Path(args.data_root).resolve()),
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": args.device,
+        "precision": args.precision,
+        "redo": args.redo,
+    }
+    meta = {**run_meta(model_dir.parent), "stage": "eval", "suite": args.suite}
+    return launch_stage("eval", args.out, work, args.launcher, meta=meta, detach=args.detach)

@@ -20,6 +20,12 @@ def register(sub) -> None:
     parser.add_argument(
         "--detach", action="store_true", help="submit and return without waiting (local/slurm executors)"
     )
+    parser.add_argument(
+        "--supersede",
+        action="store_true",
+        help="if run_dir holds a run of another identity (a changed identity key, e.g. a method option), move it "
+        "aside to EXPERIMENT.superseded/ and train afresh instead of refusing (the workflow's train rule)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -44,7 +50,7 @@ def run(args) -> int:
     from neuclip.train.trainer import TrainingDiverged
 
     try:
-        return launch(cfg, detach=args.detach)
+        return launch(cfg, detach=args.detach, supersede=args.supersede)
     except (ConfigError, DataError, TrainingDiverged) as err:
         print(f"neuclip train: error: {err}", file=sys.stderr)
         return 1

@@ -45,47 +45,49 @@ DEFAULTS: dict[str, Any] = _defaults(SCHEMA)  # every key's default, from neucli
 FREE_FORM = _free_form(SCHEMA)  # mappings whose keys the estimator (or sbatch) checks
 EXECUTORS = tuple(SCHEMA["properties"]["launcher"]["properties"]["executor"]["enum"])
 
-SITE_KEYS = {
-    "partition",
-    "account",
-    "qos",
-    "gpu_type",
-    "gpus_per_node",
-    "cpus_per_task",
-    "mem_gb",
-    "time_min",
-    "max_num_timeout",
-    "additional_parameters",
-}
-# A site key is the launcher key of the same name, but for these two (site.yaml predates the launcher section).
-SITE_ALIASES = {"time_min": "timeout_min", "additional_parameters": "slurm_additional_parameters"}
+LAUNCHER = SCHEMA["properties"]["launcher"]["properties"]  # the one table of launcher/resource knobs
+# A site file (slurm/site.yaml) gives defaults for the launcher keys that are not the job's shape.
+SITE_KEYS = {k for k, node in LAUNCHER.items() if node.get("x-site", True)}
+# The spellings site.yaml used before it shared the launcher's names: refused with the new name.
+RENAMED = {"time_min": "timeout_min", "additional_parameters": "slurm_additional_parameters", "time": "timeout_min"}
 SITE_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "definitions": SCHEMA["definitions"],
-    "properties": {k: SCHEMA["properties"]["launcher"]["properties"][SITE_ALIASES.get(k, k)] for k in SITE_KEYS},
+    "properties": {k: LAUNCHER[k] for k in SITE_KEYS},
 }
-# Keys whose change makes an existing run's checkpoints meaningless; a rerun that changes them is refused.
-IDENTITY_KEYS = [
-    "seed",
-    "model",
-    "data.train_shards",
-    "data.train_num_samples",
-    "data.data_size",
-    "data.shuffle_buffer",
-    "method.name",
-    "method.options",
-    "method.common_options",
-    "train.global_batch_size",
-    "train.epochs",
-    "train.max_steps",
-    "train.lr",
-    "train.weight_decay",
-    "train.warmup_steps",
-    "train.betas",
-    "train.eps",
-    "train.grad_clip",
-]
+# An experiment's `resources:` (and per_dataset / stages) and `neuclip eval|error --launcher`: the launcher keys
+# but `executor` and `site`, which the workflow sets from its `launcher` and `slurm_site` keys.
+RESOURCE_KEYS = [k for k in LAUNCHER if k not in ("executor", "site")]
+
+
+def _identity_keys(node: dict, path: str = "") -> list[str]:
+    """Dotted keys that define a run: every key not marked `x-setting` (a section's mark covers its keys)."""
+    out = []
+    for key, sub in (node.get("properties") or {}).items():
+        if sub.get("x-setting"):
+            continue
+        if sub.get("type") == "object" and "properties" in sub and not sub.get("x-free-form"):
+            out += _identity_keys(sub, f"{path}{key}.")
+        else:
+            out.append(f"{path}{key}")
+    return out
+
+
+# Keys whose change makes it another run: a resume that changes them is refused, and the workflow's rerun
+# triggers are exactly these (neuclip.workflow.identity). Derived from neuclip/train/schema.yaml's x-setting marks.
+IDENTITY_KEYS = _identity_keys(SCHEMA)
+SETTING_SECTIONS = ("data", "train", "error", "launcher")  # where the run settings live (besides run_dir, meta)
+
+
+def run_settings(cfg: dict) -> dict:
+    """The run settings of a config (every key not in IDENTITY_KEYS, but run_dir and meta), by section."""
+    out: dict = {}
+    for section in SETTING_SECTIONS:
+        keep = {k: copy.deepcopy(v) for k, v in cfg[section].items() if f"{section}.{k}" not in IDENTITY_KEYS}
+        if keep:
+            out[section] = keep
+    return out
 
 
 class ConfigError(ValueError):
@@ -249,9 +251,7 @@ def load_site(path: str | Path) -> dict:
     site = yaml_load(path.read_text()) or {}
     if not isinstance(site, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    unknown = sorted(set(site) - SITE_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown site key(s) {unknown}; allowed: {', '.join(sorted(SITE_KEYS))}")
+    check_keys(site, SITE_KEYS, str(path), "site key")
     validate(site, SITE_SCHEMA, where=f"{path}: ")
     return site
 
@@ -318,15 +318,37 @@ def apply_site(la: dict, base: Path) -> None:
         site_path = base.resolve() / site_path
     la["site"] = str(site_path)
     site = load_site(site_path)
-    for key in sorted(SITE_KEYS - {"time_min", "additional_parameters"}):  # same names in both files
+    for key in sorted(SITE_KEYS - {"slurm_additional_parameters"}):  # the config's own values win
         if la[key] is None and site.get(key) is not None:
             la[key] = site[key]
-    if la["timeout_min"] is None and site.get("time_min") is not None:
-        la["timeout_min"] = site["time_min"]
     la["slurm_additional_parameters"] = {
-        **(site.get("additional_parameters") or {}),
+        **(site.get("slurm_additional_parameters") or {}),
         **la["slurm_additional_parameters"],
     }
+
+
+def check_keys(section: dict, allowed, where: str, what: str = "key") -> None:
+    """Unknown keys of a launcher/resources mapping are an error; an old spelling gets its new name."""
+    for key in section:
+        if key in RENAMED and key not in allowed:
+            raise ConfigError(
+                f"{where}: {what} {key!r} is now {RENAMED[key]!r} (one name per knob, the same in slurm/site.yaml, "
+                f"an experiment's resources and the train config's launcher section): rename it"
+            )
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown {what}(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
+
+
+def launcher_section(given: dict, base: Path | None = None, where: str = "--launcher") -> dict:
+    """A complete, validated launcher section from a partial one (defaults filled, launcher.site merged): what
+    `neuclip eval|error --launcher` runs with."""
+    check_keys(given, LAUNCHER, where)
+    la = _merge(copy.deepcopy(DEFAULTS["launcher"]), given, "launcher.")
+    validate({"launcher": la})
+    apply_site(la, Path(base or Path.cwd()))
+    validate({"launcher": la})
+    return la
 
 
 def world_size(la: dict) -> int:

@@ -30,6 +30,14 @@ class Process:
         if self.world > 1:
             dist.barrier()
 
+    def all_ok(self, ok: bool) -> bool:
+        """True on every rank if `ok` is true on every rank (a collective)."""
+        if self.world == 1:
+            return ok
+        flag = torch.tensor(int(ok), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
+
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order (a list of one without a process group)."""
         if self.world == 1:
@@ -98,15 +106,30 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
+class Interrupted(Exception):
+    """A preemption signal arrived inside `Signals.interruptible()`: the newest checkpoint is current."""
+
+
 class Signals:
     """SIGTERM/SIGUSR2 set a flag; the loop checkpoints at the next step boundary, then `forward()` hands
-    the signal to whoever handled it before us (submitit's requeue handler, when run by submitit)."""
+    the signal to whoever handled it before us (submitit's requeue handler, when run by submitit). Inside
+    `interruptible()` (a long operation after a checkpoint of the current step, e.g. an error measurement) a
+    signal raises Interrupted at once instead: nothing is lost by stopping there."""
 
     SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR2", None)) if s)
 
     def __init__(self):
         self.signum: int | None = None
         self.prev: dict = {}
+        self.now = False  # inside interruptible(): a signal raises
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        self.now = True
+        try:
+            yield
+        finally:
+            self.now = False
 
     def __enter__(self):
         self.pid = os.getpid()  # forked data-loader workers inherit the handler: they must not act on it
@@ -118,6 +141,11 @@ class Signals:
     def _handle(self, signum, frame) -> None:
         if os.getpid() == self.pid and self.signum is None:
             self.signum = signum
+            if self.now:
+                self.now = False
+                print(f"neuclip train: got {signal.Signals(signum).name}; the checkpoint is current: stopping now",
+                      file=sys.stderr, flush=True)
+                raise Interrupted(signal.Signals(signum).name)
             print(
                 f"neuclip train: got {signal.Signals(signum).name}; checkpointing at the next step boundary",
                 file=sys.stderr,

@@ -59,6 +59,21 @@ class Preempted(RuntimeError):
     """Stopped by SIGTERM/SIGUSR2 after writing a checkpoint."""
 
 
+def _curve_has(run_dir: Path, step: int) -> bool:
+    """Whether RUN/error_curve.jsonl holds the measurement at `step` (every rank reads it: same answer)."""
+    try:
+        lines = (run_dir / CURVE_FILE).read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            if json.loads(line).get("step") == step:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
 def train(cfg: dict) -> dict:
     """Start or resume the run described by the *resolved* config `cfg`; return done.json's content."""
     run_dir = Path(cfg["run_dir"])
@@ -149,6 +164,8 @@ class _Trainer:
         parts.model.train()
         step = start
         try:
+            if 0 < start < total and self.tracker.due(start, total) and not _curve_has(self.run_dir, start):
+                self._measure(start, log)  # the last attempt stopped during it (its checkpoint came first)
             while step < total:
                 step_t0 = time.perf_counter()
                 if step % spe == 0:
@@ -171,16 +188,39 @@ class _Trainer:
                         bad_counts=self.loader.bad_counts(),
                         stats=out.stats,
                     )
-                if self.tracker.due(step, total):  # before the checkpoint: a resume never repeats it
-                    with log.paused():  # keep the measurement out of the logged samples/s
-                        self.tracker(step, step / spe, parts.model)
-                if step < total and step % t["checkpoint_every"] == 0:
-                    self._save(step)
                 if out.stop and step < total:
-                    self._preempt(step)
+                    self._preempt(step)  # before a due measurement: the resume measures at this step
+                if self.tracker.due(step, total):
+                    self._measure(step, log)
+                if step < total and step % t["checkpoint_every"] == 0 and self.last_saved != step:
+                    self._save(step)
+                    # a signal that landed during the write stops here, with no further step or write
+                    if not self.proc.all_ok(not self.signals.requested()):
+                        self._preempt(step)
         finally:
             log.close()
         return log.last
+
+    def _measure(self, step: int, log) -> None:
+        """The error measurement at `step`, kept out of the logged samples/s. Before the last step it is
+        interruptible (preemption, slurm/README.md): the step's checkpoint is written first, so a signal during
+        the measurement stops at once and the next attempt measures again; the USR2 delay need only cover a
+        step and a checkpoint write. The last step's comes before the final checkpoint, which thus implies it."""
+        with log.paused():
+            if step == self.geo.total_steps:
+                self.tracker(step, step / self.geo.steps_per_epoch, self.parts.model)
+                return
+            if self.last_saved != step:
+                self._save(step)
+            if not self.proc.all_ok(not self.signals.requested()):
+                self._preempt(step)  # a signal during the write: do not start the measurement
+            try:
+                with self.signals.interruptible():
+                    self.tracker(step, step / self.geo.steps_per_epoch, self.parts.model)
+            except Exception:  # Interrupted, or a collective broken by a peer that stopped
+                if not self.signals.requested():
+                    raise
+                self._preempt(step)
 
     def _save(self, step: int) -> None:
         resume.save(self.ckpt_dir, step, self.cfg, self.geo, self.proc, self.parts, self.loader, self.train_wall_s)

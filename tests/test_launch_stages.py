@@ -1,0 +1,154 @@
+"""Every stage through the one launcher (neuclip/launch.py): `neuclip eval`, `neuclip error run` and `neuclip error
+sweep --launcher YAML` run as submitit jobs in their output folder, with the same results as in-process; an
+evaluation job requeued mid-suite resumes past its finished tasks; a live job of any stage is re-attached to;
+the launcher section is the train config's (one table), old spellings refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from neuclip.train.testing import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL = "{executor: local, timeout_min: 5}"
+
+
+@pytest.fixture(scope="module")
+def trained(synth_data, tmp_path_factory):
+    """A finished 6-step fastclip run labelled as a grid cell."""
+    from neuclip.train.trainer import train
+
+    torch.set_num_threads(1)
+    meta = {"experiment": f"st{os.getpid()}", "dataset": "synthetic", "method": "fastclip", "variant": "default",
+            "seed": 0}
+    cfg = tiny_config(tmp_path_factory.mktemp("stage") / "run", str(synth_data / "train" / "{00000..00002}.tar"),
+                      **{"method.name": "fastclip", "train.max_steps": 6, "meta": meta})
+    train(cfg)
+    return Path(cfg["run_dir"])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "neuclip.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _values(summary: dict) -> dict:
+    return {task: entry["value"] for task, entry in summary["tasks"].items()}
+
+
+def test_eval_job_equals_in_process_and_names_its_cell(trained, synth_data, tmp_path):
+    from neuclip.eval.runner import evaluate_suite
+    from neuclip.jobs import job_name
+
+    here = evaluate_suite(trained / "model", "tiny", synth_data, tmp_path / "here", batch_size=16, workers=0,
+                          progress=False)
+    out = tmp_path / "job"
+    r = _cli("eval", "--model-dir", str(trained / "model"), "--suite", "tiny", "--data-root", str(synth_data),
+             "--out", str(out), "--batch-size", "16", "--workers", "0", "--launcher", LOCAL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "submitted local job" in r.stderr
+    assert _values(json.loads((out / "summary.json").read_text())) == _values(here)
+    record = json.loads((out / "job.json").read_text())
+    assert record["kind"] == "eval" and record["executor"] == "local"
+    meta = yaml.safe_load((trained / "config.yaml").read_text())["meta"]
+    assert record["job_name"] == job_name({"meta": {**meta, "stage": "eval", "suite": "tiny"}, "run_dir": str(out)})
+    assert record["job_name"].endswith(".synthetic.fastclip.s0.eval-tiny")
+
+
+def test_error_run_job_writes_the_in_process_row(trained, tmp_path):
+    from neuclip.error_study.run_error import score_run
+
+    r = _cli("error", "run", str(trained), "--anchors", "16", "--launcher", LOCAL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((trained / "error" / "error.json").read_text())
+    assert json.loads((trained / "error" / "job.json").read_text())["kind"] == "error-run"
+    again = score_run(trained, anchors=16)
+    assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in again.items() if k != "seconds"}
+
+
+@pytest.mark.slow
+def test_an_eval_job_requeued_mid_suite_keeps_its_finished_tasks(trained, synth_data, tmp_path):
+    """USR2 (what a time limit sends) once the first task file exists: submitit requeues, the next attempt
+    skips that task (its file is not rewritten) and finishes the others."""
+    from neuclip import launch
+    from neuclip.eval.suites import suite_tasks
+
+    out = tmp_path / "requeued"
+    work = {"model_dir": str(trained / "model"), "suite": "tiny", "data_root": str(synth_data), "batch_size": 1,
+            "workers": 0, "device": None, "precision": "datacomp"}
+    la = launch.parse_launcher("{executor: local, timeout_min: 5, max_num_timeout: 3}")
+    cfg = {"run_dir": str(out), "launcher": la, "meta": {}, "args": work}
+    out.mkdir()
+    job = launch.submit(cfg, kind="eval")
+    assert launch.submit(cfg, kind="eval").job_id == job.job_id  # a live job is re-attached to
+    waited = {}
+    waiter = threading.Thread(target=lambda: waited.update(rc=launch.wait(job, out, label="neuclip eval")))
+    waiter.start()
+    first = out / f"{suite_tasks('tiny')[0].id}.json"
+    deadline = time.time() + 300
+    while not first.exists():
+        assert waiter.is_alive() and time.time() < deadline, "the first task never finished"
+        time.sleep(0.02)
+    stamp = first.stat().st_mtime_ns
+    attempts = json.loads((out / "provenance.json").read_text())["attempts"]
+    os.kill(attempts[0]["pid"], signal.SIGUSR2)
+    waiter.join(timeout=300)
+    assert waited.get("rc") == 0, f"see {job.paths.folder}"
+    attempts = json.loads((out / "provenance.json").read_text())["attempts"]
+    assert len(attempts) == 2, attempts  # requeued once
+    assert first.stat().st_mtime_ns == stamp  # finished before the requeue: kept, not recomputed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tasks"]) == {t.id for t in suite_tasks("tiny")}
+
+
+def test_stage_launchers_follow_one_precedence_and_one_spelling():
+    import neuclip.workflow as wf
+    from neuclip.train.config import ConfigError
+
+    config = {
+        "experiment": "x", "launcher": "slurm", "slurm_site": "slurm/site.yaml", "datasets": ["cc3m"],
+        "resources": {"nodes": 2, "gpus_per_node": 4, "mem_gb": 100, "timeout_min": 600},
+        "per_dataset": {"cc3m": {"resources": {"mem_gb": 200}}},
+        "stages": {"eval": {"timeout_min": 60}, "error_sweep": {"mem_gb": 8}},
+        "error_study": {"jobs": 3},
+    }
+    train = wf.stage_launcher(config, "train", "cc3m")
+    assert (train["nodes"], train["gpus_per_node"], train["mem_gb"], train["timeout_min"]) == (2, 4, 200, 600)
+    ev = wf.stage_launcher(config, "eval", "cc3m")  # its shape (1 GPU, 1 task) over per_dataset, its own limit
+    assert (ev["nodes"], ev["gpus_per_node"], ev["tasks_per_node"], ev["mem_gb"], ev["timeout_min"]) == (
+        1, 1, 1, 200, 60)
+    sweep = wf.stage_launcher(config, "error_sweep")
+    assert (sweep["gpus_per_node"], sweep["cpus_per_task"], sweep["mem_gb"]) == (0, 3, 8)  # CPU only
+    assert wf.stage_launcher(config, "error_run", "cc3m")["gpus_per_node"] == 4  # the cell's allocation
+    assert all(la["executor"] == "slurm" and la["site"].endswith("slurm/site.yaml") for la in (train, ev, sweep))
+    # the launcher completes a stage's section with the site's defaults (lowest): partition from the site
+    from neuclip.launch import parse_launcher
+
+    assert parse_launcher(wf._flow(ev))["partition"] == "debug"
+    for bad, new in (({"time_min": 5}, "timeout_min"), ({"additional_parameters": {}}, "slurm_additional_parameters")):
+        with pytest.raises(ConfigError, match=f"is now '{new}'"):
+            parse_launcher(yaml.safe_dump(bad, default_flow_style=True))
+        with pytest.raises(ConfigError, match=f"is now '{new}'"):
+            wf.validate_config({**config, "stages": {"eval": bad}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_launcher("{gpus: 1}")
+
+
+def test_a_stage_that_runs_as_one_task_refuses_several():
+    from neuclip.launch import make_executor, parse_launcher
+    from neuclip.train.config import ConfigError
+
+    cfg = {"run_dir": "/tmp/x", "launcher": parse_launcher("{executor: slurm, gpus_per_node: 2}"), "meta": {}}
+    with pytest.raises(ConfigError, match="tasks_per_node: 1"):
+        make_executor(cfg, "eval")
