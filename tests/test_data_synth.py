@@ -11,7 +11,10 @@ from neuclip.data.synth import COLOURS, SHAPES, synthesize
 
 
 def _files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """What the generator wrote; the shard readers' index cache (.neuclip-index/, made by whoever reads the
+    shards first) is not part of it."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".neuclip-index" not in p.parts}
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path, synth_data):
