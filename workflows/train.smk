@@ -45,4 +45,4 @@ rule train:
     log:
         f"{EXP_RUNS}/logs/train/{RUN}.log",
     shell:
-        "neuclip train {input.cfg:q} --supersede {params.settings} > {log:q} 2>&1"
+        "neuclip train --supersede {input.cfg:q} {params.settings} > {log:q} 2>&1"
