@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.slurm_support import slurm_cluster  # noqa: F401  (a session fixture for `slurm` tests)
+from tests.slurm_support import slurm_cluster, two_nodes  # noqa: F401  (session fixtures for `slurm` tests)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 Reuses a running cluster (`$NEUCLIP_SLURM_DIR/env.sh` exists and `sinfo` answers) and leaves it alone;
 otherwise starts one with slurm/testcluster/start.sh and stops it at the end of the session. Without the
 SLURM binaries the tests skip -- unless CI is set, where a missing SLURM is a failure, so a broken CI image
-cannot pass by skipping.
+cannot pass by skipping. `two_nodes` is the partition of the cluster's two namespaced hosts (node1, node2);
+under CI the cluster must have them (start.sh is run with NEUCLIP_SLURM_NETNS=1).
 """
 
 from __future__ import annotations
@@ -77,19 +78,25 @@ def slurm_cluster():
 
     env_sh = STATE_DIR / "env.sh"
     started_here = False
-    if not (env_sh.exists() and _sinfo_answers(_read_env(env_sh))):
+    running = env_sh.exists() and _sinfo_answers(_read_env(env_sh))
+    # A running cluster without the two-node partition (started by an older start.sh, or by hand without
+    # namespaces) is brought up to date in CI: start.sh is idempotent and adds what is missing.
+    upgrade = running and _in_ci() and not _read_env(env_sh).get("NEUCLIP_SLURM_TWO_NODE_PARTITION")
+    if not running or upgrade:
+        netns = {"NEUCLIP_SLURM_NETNS": "1"} if _in_ci() else {}
         r = subprocess.run(
             [str(TESTCLUSTER / "start.sh"), str(STATE_DIR)],
             capture_output=True,
             text=True,
             timeout=300,
-            env={**os.environ, "PATH": SBIN_PATH},
+            env={**os.environ, "PATH": SBIN_PATH, **netns},
         )
         if r.returncode != 0:
             # Do not leave a half-started cluster behind (start.sh stops at the first daemon that fails).
-            subprocess.run([str(TESTCLUSTER / "stop.sh"), str(STATE_DIR)], capture_output=True, timeout=300)
+            if not running:
+                subprocess.run([str(TESTCLUSTER / "stop.sh"), str(STATE_DIR)], capture_output=True, timeout=300)
             pytest.fail(f"slurm/testcluster/start.sh failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-        started_here = True
+        started_here = not running
 
     env = _read_env(env_sh)
     try:
@@ -101,3 +108,15 @@ def slurm_cluster():
     finally:
         if started_here:
             subprocess.run([str(TESTCLUSTER / "stop.sh"), str(STATE_DIR)], capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def two_nodes(slurm_cluster) -> str:
+    """The partition of the two namespaced hosts (node1, node2, each its own network namespace and hostname)."""
+    partition = slurm_cluster.get("NEUCLIP_SLURM_TWO_NODE_PARTITION")
+    if not partition:
+        msg = "the test cluster has no two-node partition (network namespaces unavailable: see start.sh)"
+        if _in_ci():
+            pytest.fail(f"{msg}; CI requires it")
+        pytest.skip(msg)
+    return partition

@@ -6,6 +6,8 @@
 2. The driver is SIGKILLed while one cell has just finished and another still runs: its waiters stop with it;
    after a restart the finished cell is exported in-process and the live one re-attached to, with no second
    SLURM job for either.
+3. On the two namespaced hosts (partition `two`): 2 nodes x 1 task through submitit equal 1 process on the
+   same global batch, and a 2-node run requeued by `scontrol requeue` resumes on both nodes, bit-identical.
 
 Uses a running cluster (`.ci/run` starts one; or `slurm/testcluster/start.sh`) or starts one itself.
 """
@@ -224,3 +226,84 @@ def _running(pid: int) -> bool:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
     except OSError:
         return False
+
+
+def _sacct_allocations(job_id: str) -> list[tuple[str, str]]:
+    """(NodeList, State) of every allocation of the job, oldest first (-D keeps the requeued ones)."""
+    out = subprocess.run(
+        ["sacct", "-X", "-D", "-n", "-P", "-o", "NodeList,State", "-j", job_id],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return [tuple(line.split("|")[:2]) for line in out.split()]
+
+
+def test_two_nodes_equal_one_process_and_a_requeue_resumes_on_both_bit_identically(
+    slurm_env, two_nodes, synth_data, tmp_path
+):
+    """2 nodes x 1 task (gloo over the namespaced hosts, TorchDistributedEnvironment through submitit) on the
+    same global batch as 1 process: same losses, parameters and estimator state after 6 steps (1e-5). A longer
+    2-node run preempted with `scontrol requeue` resumes on both nodes and ends bit-identical to an
+    uninterrupted one."""
+    from neuclip import launch
+    from neuclip.train.trainer import train
+    from tests.test_train_distributed import _param_diff
+
+    def two_node(name: str, steps: int) -> dict:
+        cfg = _cell(tmp_path, synth_data, name, steps)
+        cfg["train"]["checkpoint_every"] = 1000
+        cfg["launcher"].update(partition=two_nodes, nodes=2, tasks_per_node=1, gpus_per_node=0, cpus_per_task=1)
+        return cfg
+
+    short, long_ref, requeued = two_node("short2n", 6), two_node("ref2n", 150), two_node("requeued2n", 150)
+    one = _cell(tmp_path, synth_data, "one", 6)
+    one["launcher"]["executor"] = "inprocess"
+    jobs = [launch.submit(c) for c in (short, long_ref)]
+    err = tmp_path / "requeued.err"
+    waiter = _train_cli(write_config(tmp_path / "requeued.yaml", requeued), err)
+    train(one)  # the 1-process reference, meanwhile
+    run_dir = Path(requeued["run_dir"])
+    job_id = _job_id(run_dir)
+
+    def started(attempt: int, steps_in: int):
+        def ready():
+            attempts = run_attempts(run_dir)
+            begin = attempts[-1]["resumed_from_step"] if attempts else 0
+            return len(attempts) == attempt and last_logged_step(run_dir) >= begin + steps_in
+
+        return ready
+
+    _until("the 2-node run did not start training", started(1, 20), timeout=300)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    assert waiter.wait(timeout=400) == 0, err.read_text()[-3000:]
+    for job in jobs:
+        assert launch.wait(job, Path(job.paths.folder).parents[2]) == 0, f"see {job.paths.folder}"
+
+    # 2 nodes x 1 task == 1 process on the same global batch
+    def metrics(cfg):
+        return [json.loads(x) for x in (Path(cfg["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+
+    for a, b in zip(metrics(one), metrics(short), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5), (a, b)
+    s1 = torch.load(ckpt.checkpoint_path(Path(one["run_dir"]) / "checkpoints", 6), weights_only=True)
+    s2 = torch.load(ckpt.checkpoint_path(Path(short["run_dir"]) / "checkpoints", 6), weights_only=True)
+    assert s2["world_size"] == 2
+    assert max(_param_diff(k, s1["model"][k], s2["model"][k]) for k in s1["model"]) < 1e-5
+    for k in s1["estimator"]:
+        torch.testing.assert_close(s2["estimator"][k], s1["estimator"][k], rtol=1e-5, atol=1e-5)
+
+    # the requeue: SLURM's own (SIGTERM, checkpoint, Preempted), then a second allocation on both nodes again
+    allocations = _sacct_allocations(job_id)
+    assert [state for _, state in allocations] == ["REQUEUED", "COMPLETED"], allocations
+    assert all(nodes == "node[1-2]" for nodes, _ in allocations), allocations
+    attempts = run_attempts(run_dir)
+    assert len(attempts) == 2 and all(a["world_size"] == 2 for a in attempts), attempts
+    assert 20 <= attempts[1]["resumed_from_step"] < 150, attempts
+    a = torch.load(ckpt.checkpoint_path(Path(long_ref["run_dir"]) / "checkpoints", 150), weights_only=True)
+    b = torch.load(ckpt.checkpoint_path(run_dir / "checkpoints", 150), weights_only=True)
+    for part in ("model", "estimator", "optimizer", "data"):
+        assert tensors_equal(a[part], b[part]) == [], part
+    # rank 0 ran on host node1 (its own hostname and address); one task per node puts rank 1 on node2
+    assert [a["hostname"] for a in attempts] == ["node1", "node1"], attempts

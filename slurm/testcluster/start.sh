@@ -2,6 +2,15 @@
 # Start a real, single-machine SLURM cluster (munge + private MariaDB + slurmdbd + slurmctld + slurmd) with
 # every file under one state folder, so CI and developers can run sbatch / srun / sacct / submitit against it.
 #
+# Nodes: "localhost" (partition debug, the default) and, where network namespaces can be made (root with
+# CAP_NET_ADMIN, as here), two more hosts "node1" and "node2" (partition "two"): each slurmd runs in its own
+# network namespace and UTS namespace (its own hostname), joined to the host by a veth pair on a bridge that
+# carries slurmctld's address, with /etc/netns/<ns>/hosts naming every host. So a 2-node job really spans two
+# hosts: MASTER_ADDR is node1's address, which node2 reaches over the bridge. Namespaces, veths, the bridge and
+# the hosts files are created here and removed by stop.sh; traffic goes only to addresses inside them. (Why
+# not SLURM's multiple-slurmd mode: Debian's build does not enable it, and all its nodes would share one
+# hostname and address, so MASTER_ADDR would be the same host.)
+#
 #   slurm/testcluster/start.sh [STATE_DIR]      # default: $NEUCLIP_SLURM_DIR or /tmp/neuclip-slurm
 #   source STATE_DIR/env.sh                     # exports SLURM_CONF for sinfo, sbatch, sacct, submitit
 #   slurm/testcluster/stop.sh [STATE_DIR]
@@ -17,7 +26,10 @@
 # MySQL on the same machine does not clash); override with the environment variables:
 #   NEUCLIP_SLURMCTLD_PORT=16817  NEUCLIP_SLURMD_PORT=16818  NEUCLIP_SLURMDBD_PORT=16819
 #   NEUCLIP_MARIADB_PORT=16306
-# Other knobs: NEUCLIP_SLURM_FAKE_GPUS=2 (fake GPUs for scheduling), NEUCLIP_SLURM_START_TIMEOUT=60 (s).
+# Other knobs: NEUCLIP_SLURM_FAKE_GPUS=2 (fake GPUs for scheduling, per node), NEUCLIP_SLURM_START_TIMEOUT=60 (s),
+#   NEUCLIP_SLURM_NETNS=auto|1|0 (the two namespaced nodes: where possible | required | never),
+#   NEUCLIP_SLURM_SUBNET=10.213.77 (their /24: .1 the bridge and slurmctld, .11 node1, .12 node2; a second
+#   cluster with namespaces on the same machine needs its own).
 #
 # Traps. [seen] = hit on this machine while writing this script; [doc] = recorded in docs/ECOSYSTEM.md or
 # documented SLURM/MariaDB behaviour, guarded against up front.
@@ -52,6 +64,12 @@
 #    record and a reused submitit folder mixes two jobs. -i lets it start past a state file left by a crash.
 #  - [doc] RealMemory is `slurmd -C` minus 1 GiB: a node claiming more memory than it has is drained.
 #  - [doc] Fake GPUs are for scheduling only: jobs get CUDA_VISIBLE_DEVICES, but there is no device.
+#  - [doc] Inside a node's namespace "localhost" is that namespace's own loopback, so slurm.conf names the
+#    controller's bridge address with SlurmctldAddr (SlurmctldHost stays "localhost", which slurmctld accepts
+#    whatever the machine's hostname). Each node's slurmd runs with /etc/netns/<ns>/hosts bind-mounted over
+#    /etc/hosts in a private mount namespace, inherited by all it starts (slurmstepd, the job), so node names
+#    resolve there; `unshare --uts` gives it (and so gloo's gethostname()) its node's hostname.
+#  - [doc] slurmd files are per node (%n in SlurmdPidFile, SlurmdLogFile, SlurmdSpoolDir).
 set -euo pipefail
 
 STATE_DIR="${1:-${NEUCLIP_SLURM_DIR:-/tmp/neuclip-slurm}}"
@@ -61,7 +79,17 @@ DBD_PORT="${NEUCLIP_SLURMDBD_PORT:-16819}"
 DB_PORT="${NEUCLIP_MARIADB_PORT:-16306}"
 FAKE_GPUS="${NEUCLIP_SLURM_FAKE_GPUS:-2}"
 TIMEOUT="${NEUCLIP_SLURM_START_TIMEOUT:-60}"
+NETNS="${NEUCLIP_SLURM_NETNS:-auto}"
+SUBNET="${NEUCLIP_SLURM_SUBNET:-10.213.77}"
 CLUSTER=neuclip
+if ! [[ $NETNS =~ ^(auto|0|1)$ ]]; then
+    echo "start.sh: NEUCLIP_SLURM_NETNS=$NETNS is not auto, 1 or 0" >&2
+    exit 2
+fi
+if ! [[ $SUBNET =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]]; then
+    echo "start.sh: NEUCLIP_SLURM_SUBNET=$SUBNET is not the first three numbers of a /24, e.g. 10.213.77" >&2
+    exit 2
+fi
 for pv in "NEUCLIP_SLURMCTLD_PORT=$CTLD_PORT" "NEUCLIP_SLURMD_PORT=$SLURMD_PORT" \
     "NEUCLIP_SLURMDBD_PORT=$DBD_PORT" "NEUCLIP_MARIADB_PORT=$DB_PORT"; do
     p=${pv#*=}
@@ -123,7 +151,7 @@ die() {
         echo "----- last lines of $f -----" >&2
         tail -n 25 "$f" >&2 || true
     done
-    echo "All logs: $D/log/ (munged.log mariadb.log slurmdbd.log slurmctld.log slurmd.log)" >&2
+    echo "All logs: $D/log/ (munged.log mariadb.log slurmdbd.log slurmctld.log slurmd-<node>.log)" >&2
     exit 1
 }
 
@@ -148,15 +176,87 @@ port_free() {
     fi
 }
 
+# --- the namespaced nodes -------------------------------------------------------------------------------
+# Names are derived from the state folder, so two clusters' namespaces never clash (interface names <= 15).
+TAG="nc$(printf %s "$D" | sha1sum | cut -c1-5)"
+BRIDGE="${TAG}br"
+NS_NODES=(node1 node2)
+ns_of() { echo "${TAG}-$1"; }
+node_addr() { echo "$SUBNET.$((10 + ${1#node}))"; }
+
+netns_ok() {
+    ip -o addr show dev "$BRIDGE" 2>/dev/null | grep -q " $SUBNET.1/24 " || return 1
+    local n
+    for n in "${NS_NODES[@]}"; do
+        ip netns exec "$(ns_of "$n")" ip -o addr show dev eth0 2>/dev/null | grep -q " $(node_addr "$n")/24 " ||
+            return 1
+        [[ -s /etc/netns/$(ns_of "$n")/hosts ]] || return 1
+    done
+}
+
+netns_up() {
+    # The bridge carries the host side: slurmctld's address, which every namespace reaches.
+    ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge || return 1
+    ip addr replace "$SUBNET.1/24" dev "$BRIDGE" || return 1
+    ip link set "$BRIDGE" up || return 1
+    local n ns i m
+    for n in "${NS_NODES[@]}"; do
+        ns=$(ns_of "$n")
+        i=${n#node}
+        [[ -e /run/netns/$ns ]] || ip netns add "$ns" || return 1
+        if ! ip netns exec "$ns" ip link show eth0 >/dev/null 2>&1; then
+            ip link del "${TAG}h$i" >/dev/null 2>&1 || true
+            ip link add "${TAG}h$i" type veth peer name "${TAG}p$i" || return 1
+            ip link set "${TAG}p$i" netns "$ns" || return 1
+            ip netns exec "$ns" ip link set "${TAG}p$i" name eth0 || return 1
+        fi
+        ip link set "${TAG}h$i" master "$BRIDGE" up || return 1
+        ip netns exec "$ns" ip addr replace "$(node_addr "$n")/24" dev eth0 || return 1
+        ip netns exec "$ns" ip link set eth0 up || return 1
+        ip netns exec "$ns" ip link set lo up || return 1
+        mkdir -p "/etc/netns/$ns" || return 1
+        {
+            echo "# written by slurm/testcluster/start.sh for the test cluster in $D; removed by stop.sh"
+            echo "127.0.0.1 localhost"
+            echo "$SUBNET.1 ncctl"
+            for m in "${NS_NODES[@]}"; do echo "$(node_addr "$m") $m"; done
+        } >"/etc/netns/$ns/hosts" || return 1
+    done
+}
+
+# Decide once per start whether this cluster has the namespaced nodes; stop.sh reads the record.
+if [[ $NETNS != 0 ]]; then
+    if netns_ok || netns_up 2>>"$D/log/netns.log"; then
+        NETNS=1
+    elif [[ $NETNS == 1 ]]; then
+        die "could not create the network namespaces for node1/node2 (needs root with CAP_NET_ADMIN and iproute2)" \
+            "$D/log/netns.log"
+    else
+        log "network namespaces unavailable: single node only (set NEUCLIP_SLURM_NETNS=1 to require them)"
+        NETNS=0
+    fi
+fi
+{
+    echo "NETNS=$NETNS"
+    echo "BRIDGE=$BRIDGE"
+    echo "NAMESPACES='$(for n in "${NS_NODES[@]}"; do printf '%s ' "$(ns_of "$n")"; done)'"
+} >"$D/netns.env"
+NODES=(localhost)
+if ((NETNS)); then NODES+=("${NS_NODES[@]}"); fi
+
 cluster_ok() {
     pid_alive "$D/munge/munged.pid" munged &&
         pid_alive "$D/mysql/mariadbd.pid" mariadbd &&
         pid_alive "$D/run/slurmdbd.pid" slurmdbd &&
-        pid_alive "$D/run/slurmctld.pid" slurmctld &&
-        pid_alive "$D/run/slurmd.pid" slurmd &&
-        sinfo -h >/dev/null 2>&1
+        pid_alive "$D/run/slurmctld.pid" slurmctld || return 1
+    local n
+    for n in "${NODES[@]}"; do pid_alive "$D/run/slurmd-$n.pid" slurmd || return 1; done
+    if ((NETNS)); then netns_ok || return 1; fi
+    sinfo -h >/dev/null 2>&1
 }
 
+TWO_PARTITION=""
+if ((NETNS)); then TWO_PARTITION=two; fi
 write_env() {
     # Written atomically: a test fixture may be sourcing it at this moment.
     cat >"$D/env.sh.tmp" <<EOF
@@ -167,6 +267,8 @@ export NEUCLIP_SLURM_DIR='$D'
 export SLURM_CONF='$SLURM_CONF_FILE'
 # For the munge CLI only (munge -S "\$NEUCLIP_MUNGE_SOCKET" -n | unmunge -S ...); SLURM reads slurm.conf.
 export NEUCLIP_MUNGE_SOCKET='$MUNGE_SOCK'
+# The partition of the two namespaced hosts (node1, node2); empty when this cluster has none.
+export NEUCLIP_SLURM_TWO_NODE_PARTITION='$TWO_PARTITION'
 EOF
     mv -f "$D/env.sh.tmp" "$D/env.sh"
 }
@@ -183,7 +285,14 @@ fi
 pid_alive "$D/mysql/mariadbd.pid" mariadbd || port_free "$DB_PORT" NEUCLIP_MARIADB_PORT
 pid_alive "$D/run/slurmdbd.pid" slurmdbd || port_free "$DBD_PORT" NEUCLIP_SLURMDBD_PORT
 pid_alive "$D/run/slurmctld.pid" slurmctld || port_free "$CTLD_PORT" NEUCLIP_SLURMCTLD_PORT
-pid_alive "$D/run/slurmd.pid" slurmd || port_free "$SLURMD_PORT" NEUCLIP_SLURMD_PORT
+# A slurmd of this folder started before slurmd files were per node (run/slurmd.pid) is ours: stop it.
+if pid_alive "$D/run/slurmd.pid" slurmd; then
+    old=$(tr -dc '0-9' <"$D/run/slurmd.pid")
+    kill -TERM "$old" 2>/dev/null || true
+    wait_for 15 bash -c "[[ ! -e /proc/$old ]] || [[ \$(awk '{print \$3}' /proc/$old/stat) == Z ]]" || true
+fi
+rm -f "$D/run/slurmd.pid"
+pid_alive "$D/run/slurmd-localhost.pid" slurmd || port_free "$SLURMD_PORT" NEUCLIP_SLURMD_PORT
 
 # --- munge ----------------------------------------------------------------------------------------------
 if pid_alive "$D/munge/munged.pid" munged; then
@@ -249,6 +358,19 @@ NCPU=$(nproc)
 HW_MEM=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
 MEM=$((HW_MEM - 1024))
 ((MEM >= 512)) || MEM=512
+CTLD_ADDR_LINE="# SlurmctldAddr: unset (one node, on loopback)"
+NS_NODE_LINES=""
+NS_PARTITION_LINE=""
+if ((NETNS)); then
+    CTLD_ADDR_LINE="# Every host (the namespaced ones too) reaches the controller at the bridge's address.
+SlurmctldAddr=$SUBNET.1"
+    # Listed BEFORE localhost: while "localhost" is the only node defined, slurmctld's node lookup returns it
+    # for any name [seen: "fatal: Duplicated NodeHostName node1"].
+    NS_NODE_LINES="# Two more hosts, each a slurmd in its own network and UTS namespace (see the top of start.sh).
+NodeName=node1 NodeHostname=node1 NodeAddr=$(node_addr node1) CPUs=$NCPU RealMemory=$MEM Gres=gpu:fake:$FAKE_GPUS State=UNKNOWN
+NodeName=node2 NodeHostname=node2 NodeAddr=$(node_addr node2) CPUs=$NCPU RealMemory=$MEM Gres=gpu:fake:$FAKE_GPUS State=UNKNOWN"
+    NS_PARTITION_LINE="PartitionName=two Nodes=node[1-2] Default=NO MaxTime=INFINITE State=UP"
+fi
 
 (
     umask 077
@@ -282,6 +404,7 @@ cat >"$D/etc/slurm.conf" <<EOF
 ClusterName=$CLUSTER
 # "localhost" is special-cased by slurmctld, so the real hostname of the machine does not matter.
 SlurmctldHost=localhost
+$CTLD_ADDR_LINE
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 # Everything runs as root in a container: no slurm user, no privilege drops.
@@ -318,11 +441,11 @@ SlurmdTimeout=60
 MinJobAge=300
 # State, spool, pid and log files all live in the state folder.
 StateSaveLocation=$D/state/ctld
-SlurmdSpoolDir=$D/spool/slurmd
+SlurmdSpoolDir=$D/spool/slurmd-%n
 SlurmctldPidFile=$D/run/slurmctld.pid
-SlurmdPidFile=$D/run/slurmd.pid
+SlurmdPidFile=$D/run/slurmd-%n.pid
 SlurmctldLogFile=$D/log/slurmctld.log
-SlurmdLogFile=$D/log/slurmd.log
+SlurmdLogFile=$D/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # Accounting through slurmdbd, so sacct (and submitit's job-state polling, which calls sacct) work.
@@ -338,8 +461,10 @@ JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
 # The node: CPUs from nproc; RealMemory = slurmd -C ($HW_MEM MiB) minus 1 GiB headroom for the OS and
 # daemons; $FAKE_GPUS fake GPUs (see gres.conf) so --gpus-per-node jobs can be scheduled without a GPU.
+$NS_NODE_LINES
 NodeName=localhost NodeHostname=localhost NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$MEM Gres=gpu:fake:$FAKE_GPUS State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+$NS_PARTITION_LINE
 EOF
 
 # Each fake GPU needs its OWN device path: slurmd 22.05 dies with "gpu duplicate device file name
@@ -348,8 +473,10 @@ EOF
 rm -rf "${D:?}/dev"
 mkdir -p "$D/dev"
 chmod 755 "$D/dev"
-for ((i = 0; i < FAKE_GPUS; i++)); do
-    ln -s /dev/null "$D/dev/fakegpu$i"
+for n in "${NODES[@]}"; do
+    for ((i = 0; i < FAKE_GPUS; i++)); do
+        ln -s /dev/null "$D/dev/$n-fakegpu$i"
+    done
 done
 {
     echo "# gres.conf for the NeuCLIP test cluster (generated by slurm/testcluster/start.sh)."
@@ -357,8 +484,10 @@ done
     echo "# is a distinct symlink to /dev/null (slurmd rejects duplicate File= paths). Jobs get"
     echo "# CUDA_VISIBLE_DEVICES set as on a real cluster, but there is no GPU behind it."
     echo "AutoDetect=off"
-    for ((i = 0; i < FAKE_GPUS; i++)); do
-        echo "NodeName=localhost Name=gpu Type=fake File=$D/dev/fakegpu$i"
+    for n in "${NODES[@]}"; do
+        for ((i = 0; i < FAKE_GPUS; i++)); do
+            echo "NodeName=$n Name=gpu Type=fake File=$D/dev/$n-fakegpu$i"
+        done
     done
 } >"$D/etc/gres.conf"
 
@@ -392,38 +521,56 @@ else
     log "slurmctld up (localhost:$CTLD_PORT)"
 fi
 
-# --- slurmd ---------------------------------------------------------------------------------------------
-if pid_alive "$D/run/slurmd.pid" slurmd; then
-    log "slurmd already running"
-else
-    rm -f "$D/run/slurmd.pid"
-    # -N: the node name in slurm.conf, independent of the machine's hostname.
-    slurmd -f "$SLURM_CONF_FILE" -N localhost </dev/null >>"$D/log/slurmd.log" 2>&1 9>&- ||
-        die "slurmd failed to start" "$D/log/slurmd.log"
-    log "slurmd started"
-fi
+# --- slurmd, one per node -------------------------------------------------------------------------------
+for n in "${NODES[@]}"; do
+    if pid_alive "$D/run/slurmd-$n.pid" slurmd; then
+        log "slurmd $n already running"
+        continue
+    fi
+    rm -f "$D/run/slurmd-$n.pid"
+    mkdir -p "$D/spool/slurmd-$n"
+    if [[ $n == localhost ]]; then
+        # -N: the node name in slurm.conf, independent of the machine's hostname.
+        slurmd -f "$SLURM_CONF_FILE" -N localhost </dev/null >>"$D/log/slurmd-localhost.log" 2>&1 9>&- ||
+            die "slurmd failed to start" "$D/log/slurmd-localhost.log"
+    else
+        # Its own hostname (UTS namespace), its hosts file bind-mounted over /etc/hosts in a private mount
+        # namespace, and its network namespace (nsenter: `ip netns exec` would also remount /sys, hiding the
+        # cgroup mounts slurmd insists on [seen: "No filesystem mounted on /sys/fs/cgroup"]).
+        unshare --mount --propagation private --uts bash -c \
+            'mount --bind "$3" /etc/hosts && hostname "$1" && exec nsenter --net="/run/netns/$4" slurmd -f "$2" -N "$1"' \
+            _ "$n" "$SLURM_CONF_FILE" "/etc/netns/$(ns_of "$n")/hosts" "$(ns_of "$n")" \
+            </dev/null >>"$D/log/slurmd-$n.log" 2>&1 9>&- || die "slurmd $n failed to start" "$D/log/slurmd-$n.log"
+    fi
+    log "slurmd $n started"
+done
 
-# --- wait for the node ----------------------------------------------------------------------------------
-node_state() { sinfo -h -N -n localhost -o %T 2>/dev/null | head -n1; }
+# --- wait for the nodes ---------------------------------------------------------------------------------
+node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -n1; }
 deadline=$((SECONDS + TIMEOUT))
-resumed=0
-while :; do
-    st=$(node_state || true)
-    [[ $st == idle || $st == mixed || $st == allocated ]] && break
-    # A node saved as down/drained by an earlier run (e.g. a crash) may need an explicit resume;
-    # do it once, after giving ReturnToService a few seconds.
-    if [[ $resumed == 0 && ($st == down* || $st == drain*) ]] && ((SECONDS > T0 + 5)); then
-        log "node is '$st'; resuming it"
-        scontrol update NodeName=localhost State=RESUME >/dev/null 2>&1 || true
-        resumed=1
-    fi
-    if ((SECONDS >= deadline)); then
-        die "node 'localhost' is '${st:-unknown}' after ${TIMEOUT}s, not idle (scontrol show node localhost)" \
-            "$D/log/slurmd.log" "$D/log/slurmctld.log"
-    fi
-    sleep 0.3
+for n in "${NODES[@]}"; do
+    resumed=0
+    while :; do
+        st=$(node_state "$n" || true)
+        [[ $st == idle || $st == mixed || $st == allocated ]] && break
+        # A node saved as down/drained by an earlier run (e.g. a crash) may need an explicit resume;
+        # do it once, after giving ReturnToService a few seconds.
+        if [[ $resumed == 0 && ($st == down* || $st == drain*) ]] && ((SECONDS > T0 + 5)); then
+            log "node $n is '$st'; resuming it"
+            scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true
+            resumed=1
+        fi
+        if ((SECONDS >= deadline)); then
+            die "node '$n' is '${st:-unknown}' after ${TIMEOUT}s, not idle (scontrol show node $n)" \
+                "$D/log/slurmd-$n.log" "$D/log/slurmctld.log"
+        fi
+        sleep 0.3
+    done
 done
 
 write_env
 log "cluster up in $((SECONDS - T0))s: partition debug, node localhost ($NCPU CPUs, ${MEM} MiB, $FAKE_GPUS fake GPUs)"
+if ((NETNS)); then
+    log "partition two: node1 ($(node_addr node1)) and node2 ($(node_addr node2)), each in its own network namespace"
+fi
 log "logs in $D/log/; use it with: source $D/env.sh"

@@ -7,7 +7,8 @@
 # daemons we have a pid file for), then stops slurmd, slurmctld, slurmdbd, MariaDB and munged, each by the
 # pid in its own pid file -- never by process name, since other agents/CI runs on this machine may run
 # their own daemons of the same name. The state folder is kept (job-id counter, accounting database, keys),
-# so a later start.sh resumes from it; delete the folder for a clean slate.
+# so a later start.sh resumes from it; delete the folder for a clean slate. The namespaced nodes' network
+# namespaces, veth pairs, bridge and /etc/netns/<ns>/hosts files (STATE_DIR/netns.env names them) are removed.
 # Safe to run when nothing (or only part of the cluster) is running.
 set -euo pipefail
 
@@ -72,8 +73,11 @@ if live_pid "$D/run/slurmctld.pid" slurmctld >/dev/null && scontrol ping >/dev/n
     fi
 fi
 
-# 2. SLURM daemons, compute side first so slurmctld sees the node go away cleanly.
-stop_daemon "$D/run/slurmd.pid" slurmd
+# 2. SLURM daemons, compute side first so slurmctld sees the nodes go away cleanly (one slurmd per node;
+#    run/slurmd.pid is the single-node layout of earlier versions).
+for pidfile in "$D"/run/slurmd-*.pid "$D/run/slurmd.pid"; do
+    [[ -e $pidfile ]] && stop_daemon "$pidfile" slurmd
+done
 stop_daemon "$D/run/slurmctld.pid" slurmctld
 stop_daemon "$D/run/slurmdbd.pid" slurmdbd
 # 3. MariaDB: SIGTERM is its clean shutdown (flushes InnoDB); give it longer.
@@ -81,4 +85,19 @@ stop_daemon "$D/mysql/mariadbd.pid" mariadbd 60
 # 4. munge last: the daemons above authenticate through it while shutting down.
 stop_daemon "$D/munge/munged.pid" munged
 rm -f "$D/munge/munge.socket" "$D/munge/munge.socket.lock" "$D/mysql/mysqld.sock"
+# 5. The namespaced nodes' network: only what start.sh recorded for this folder.
+if [[ -s $D/netns.env ]]; then
+    NETNS=0 BRIDGE="" NAMESPACES=""
+    # shellcheck disable=SC1091
+    source "$D/netns.env"
+    for ns in $NAMESPACES; do
+        [[ $ns == nc?????-node* ]] || continue  # never anything start.sh did not name
+        ip netns del "$ns" 2>/dev/null || true  # its veth pair goes with it
+        rm -rf "/etc/netns/$ns"
+    done
+    if [[ $BRIDGE == nc?????br ]]; then ip link del "$BRIDGE" 2>/dev/null || true; fi
+    rmdir /etc/netns 2>/dev/null || true
+    rm -f "$D/netns.env"
+    if ((NETNS)); then log "network namespaces ($NAMESPACES) and bridge $BRIDGE removed"; fi
+fi
 log "cluster in $D stopped (state kept; rm -rf $D for a clean slate)"
