@@ -7,7 +7,9 @@
 # daemons by hand.
 set -euo pipefail
 
-PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server chromium)
+# iproute2: `ip netns`, veth and bridge for the test cluster's two namespaced hosts (unshare and nsenter are in
+# util-linux, always installed).
+PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server chromium iproute2)
 
 missing=()
 for p in "${PKGS[@]}"; do
