@@ -34,7 +34,7 @@ def test_shipped_configs_validate(name):
     [
         ({"foo": 1}, r"unknown config key\(s\) \['foo'\]; allowed keys: .*datasets"),
         ({"methods": ["neuclp"]}, r"'neuclp' is not one of \['openclip'"),
-        ({"datasets": ["cc4m"]}, r"'cc4m' is not one of \['synthetic', 'cc3m'"),
+        ({"datasets": ["cc4m"]}, r"'cc4m' is not one of \['cc3m', 'cc12m'"),
         ({"seeds": ["one"]}, r"'one' is not of type 'integer'.*seeds"),
         ({"launcher": "pbs"}, r"'pbs' is not one of \['inprocess', 'local', 'debug', 'slurm'\]"),
     ],

@@ -29,13 +29,13 @@ def _method_registry():
 # methods, so a new estimator appears in every table by itself.
 METHOD_LABELS = _method_registry().labels()
 METHOD_ORDER = _method_registry().label_order()  # row order of every method table
-DATASET_LABELS = {
-    "cc3m": "CC3M", "cc12m": "CC12M", "dfn14m": "DFN-14M", "dfn192m": "DFN-192M", "dfn1b": "DFN-1B",
-    "laion400m": "LAION-400M", "laion315m": "LAION-315M", "datacompsmall": "DataComp-small",
-    "datacompmedium": "DataComp-medium", "datacomplarge": "DataComp-large", "datacompxlarge": "DataComp-xlarge",
-    "synthetic": "synthetic",
-}
-DATASET_ORDER = list(DATASET_LABELS)
+def _dataset_labels() -> dict[str, str]:
+    """dataset key -> label, in registry order, from workflows/datasets.yaml (the one list of data sets)."""
+    from neuclip.workflow import registry
+
+    return {dataset_key(name): entry.get("label", name) for name, entry in registry({}).items()}
+
+
 SCALES = ("paper", "small", "rehearsal", "tiny")  # column order; anything else sorts last and is never "paper"
 GROUPS = ("datacomp38", "imagenet_variants", "retrieval", "tiny")
 
@@ -65,6 +65,10 @@ def method_name(label: str) -> str:
 def dataset_key(name: str) -> str:
     """"DFN-14M", "dfn14m", "dfn_14m" -> "dfn14m"."""
     return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+DATASET_LABELS = _dataset_labels()
+DATASET_ORDER = list(DATASET_LABELS)  # column order: workflows/datasets.yaml's
 
 
 def dataset_label(key: str) -> str:
