@@ -22,13 +22,17 @@ REPO = Path(__file__).resolve().parent.parent
 METHODS = ["OpenCLIP", "SigLIP", "SogCLR", "iSogCLR", "FastCLIP-v3", "AmorLIP", "NeuCLIP"]
 
 
-def snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: int = 900) -> str:
-    """Run snakemake on the repo's Snakefile with `workdir` as working directory; return its output."""
+def snakemake_command(workdir: Path, *args: str, env: dict | None = None) -> tuple[list[str], dict]:
+    """The snakemake command line on the repo's Snakefile with `workdir` as working directory, and its env."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-d", str(workdir), *args]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PATH": path, **(env or {})}
-    )
+    return cmd, {**os.environ, "PATH": path, **(env or {})}
+
+
+def snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: int = 900) -> str:
+    """Run snakemake on the repo's Snakefile with `workdir` as working directory; return its output."""
+    cmd, full_env = snakemake_command(workdir, *args, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result.stdout + result.stderr
 

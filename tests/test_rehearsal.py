@@ -5,6 +5,10 @@ all` on the test cluster, ablations.yaml locally."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -78,22 +82,47 @@ def test_ablations_rehearsal_runs_locally(tmp_path):
     assert table.is_file(), sorted(p.name for p in table.parent.iterdir())
 
 
+def watch_status(proc, runs: Path, env: dict) -> set[tuple[str, bool]]:
+    """Poll `neuclip status` (its own process, as a user would) while the driver runs: (state, has a job id)."""
+    seen: set[tuple[str, bool]] = set()
+    while proc.poll() is None:
+        if runs.is_dir():
+            out = subprocess.run([sys.executable, "-m", "neuclip.cli", "status", str(runs)], capture_output=True,
+                                 text=True, env={**os.environ, **env}, timeout=120)
+            assert out.returncode == 0, out.stderr
+            for line in out.stdout.splitlines():
+                cols = [c.strip() for c in line.split("|")]
+                if len(cols) > 3 and cols[1].count("/") == 3:  # | cell | state | job | ...
+                    seen.add((cols[2], cols[3].isdigit()))
+        time.sleep(5)
+    return seen
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_paper_rehearsal_runs_on_the_slurm_cluster(tmp_path, slurm_cluster):
     """paper.yaml's own grid through `snakemake --profile slurm all`, real sbatch jobs: every method on CC3M
-    (RN50's family: tiny-cnn, BatchNorm) and one method on each other data set (cells: sample), to fit CI."""
-    from tests.test_pipeline import snakemake
+    (RN50's family: tiny-cnn, BatchNorm) and one method on each other data set (cells: sample), to fit CI.
+    `neuclip status` watches it meanwhile, as a user would."""
+    from tests.test_pipeline import snakemake_command
 
     sample = tmp_path / "sample.yaml"
     sample.write_text(yaml.safe_dump({"rehearsal": {"cells": "sample"}}))
     work = tmp_path / "work"
     work.mkdir()
-    snakemake(work, "--profile", str(REPO / "slurm"), "all", "--configfile", str(CONFIGS / "paper.yaml"),
-              str(REHEARSAL), str(sample), env=slurm_cluster, timeout=2400)
     runs = work / "runs" / "paper_rehearsal"
+    cmd, env = snakemake_command(work, "--profile", str(REPO / "slurm"), "all", "--configfile",
+                                 str(CONFIGS / "paper.yaml"), str(REHEARSAL), str(sample), env=slurm_cluster)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        seen = watch_status(proc, runs, slurm_cluster)
+        log = proc.stdout.read()
+    assert proc.returncode == 0, log[-6000:]
     jobs = list(runs.glob("*/*/default/seed0/job.json"))
     assert len(jobs) == 12 and all('"slurm"' in j.read_text() for j in jobs), jobs
     assert len(summaries(runs)) == 12
     main = pd.read_csv(work / "results" / "paper_rehearsal" / "tables" / "main.csv")
     assert len(main) >= 7, main
+    assert any(state in ("queued", "running") and job for state, job in seen), seen  # seen mid-run, with job ids
+    final = subprocess.run([sys.executable, "-m", "neuclip.cli", "status", str(runs)], capture_output=True,
+                           text=True, env={**os.environ, **slurm_cluster}, timeout=120).stdout
+    assert final.count("| done") >= 12, final
