@@ -7,8 +7,11 @@ Encoder gradient (FCCO): tau_i grad g_hat_i / u_i = sum_j w_ij grad (s_ij - s_ii
 Temperature gradient per sample (docs/method.md §3): -sum_j w_ij h_ij + a_i + rho, clamped to +-grad_clip, fed to a
 per-sample Adam (bias-corrected with the sample's own visit count), tau projected onto [tau_min, tau_max].
 Temperatures are estimator state, not encoder parameters: like u, they are updated for the whole global batch
-on every rank from all-gathered gradients. Its normaliser estimates live at per-sample temperatures, so the
-error study (which uses one global tau) does not score it.
+from all-gathered gradients, by the rank that stores each id (`state_placement`, baselines/per_sample.py). The
+reported temperature (logs, the exported logit scale) is the mean tau over visited samples and modalities, kept
+as a running sum and count (so it needs no pass over, or collective on, the whole state); the sum is in int64
+fixed point (units of 2^-26), so it is exact and the same for any world size and summation order. Its normaliser
+estimates live at per-sample temperatures, so the error study (which uses one global tau) does not score it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from baselines.per_sample import PerSampleEstimator
 from neuclip.estimators.base import Batch, EstimatorContext, StepOutput
 from neuclip.estimators.ops import GlobalView, fcco_weights, gather_no_grad, gradient_neutral, log_eps_g
 from neuclip.estimators.options import fraction_pair, number
+from neuclip.estimators.sharding import read_batch, share_updates
 
 
 class ISogCLR(PerSampleEstimator):
@@ -48,27 +52,34 @@ class ISogCLR(PerSampleEstimator):
         return "FastCLIP-v2" if (options or {}).get("gamma_schedule") == "cosine" else cls.label
 
     @classmethod
-    def state_bytes(cls, options: dict, ctx: EstimatorContext) -> int:
+    def state_bytes(cls, options: dict, ctx: EstimatorContext, world: int = 1) -> int:
         # a, tau, Adam m and v per modality (8 arrays) plus an int64 visit count
         itemsize = torch.empty(0, dtype=getattr(torch, options["state_dtype"])).element_size()
-        return (8 * itemsize + 8) * ctx.data_size
+        return (8 * itemsize + 8) * cls.ids_per_rank(options, ctx, world)
 
     def __init__(self, cfg: dict, ctx: EstimatorContext):
         super().__init__(cfg, ctx)
-        n, dtype = ctx.data_size, self.a1.dtype
+        n, dtype = self.layout.size, self.a1.dtype
         for k in (1, 2):
             self.register_buffer(f"tau{k}", torch.full((n,), float(cfg["tau_init"]), dtype=dtype))
             self.register_buffer(f"m{k}", torch.zeros(n, dtype=dtype))
             self.register_buffer(f"v{k}", torch.zeros(n, dtype=dtype))
+            self.fills |= {f"tau{k}": float(cfg["tau_init"]), f"m{k}": 0.0, f"v{k}": 0.0}
         self.register_buffer("visits", torch.zeros(n, dtype=torch.int64))
+        self.fills["visits"] = 0
+        # sum (fixed point, TAU_UNIT) and count of tau over visited (sample, modality) pairs, on every rank
+        self.register_buffer("tau_sum", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("tau_count", torch.zeros((), dtype=torch.int64))
 
     def forward(self, batch: Batch) -> StepOutput:
         view = GlobalView(batch.image, batch.text, batch.ids)
         self.check_ids(view.all_ids)
+        self._check_layout()
         d1, d2 = view.diffs()
-        ids = batch.ids.to(self.tau1.device)
-        tau1 = self.tau1[ids].to(d1.device, d1.dtype)
-        tau2 = self.tau2[ids].to(d1.device, d1.dtype)
+        local = slice(view.offset, view.offset + batch.ids.shape[0])
+        taus = read_batch(self.layout, [self.tau1, self.tau2], view.all_ids.to(self.tau1.device))[:, local]
+        tau1 = taus[0].to(d1.device, d1.dtype)
+        tau2 = taus[1].to(d1.device, d1.dtype)
         h1, h2 = d1 / tau1[:, None], d2 / tau2[:, None]
         eps, rho = self.cfg["eps"], self.cfg["rho"]
         gamma = self.gamma(batch.epoch)
@@ -91,22 +102,39 @@ class ISogCLR(PerSampleEstimator):
 
     @torch.no_grad()
     def _update_temperatures(self, ids: torch.Tensor, grad1: torch.Tensor, grad2: torch.Tensor) -> None:
+        """Per-sample Adam for the global batch's ids, each applied by the rank that stores it."""
         ids = ids.to(self.tau1.device)
+        own = self.layout.owned(ids)
+        slots = self.layout.slots(ids[own])
         beta1, beta2 = self.cfg["tau_betas"]
-        self.visits[ids] += 1
-        t = self.visits[ids].to(self.tau1.dtype)
+        first = self.visits[slots] == 0
+        self.visits[slots] += 1
+        t = self.visits[slots].to(self.tau1.dtype)
+        change = torch.zeros(2, dtype=torch.int64, device=self.tau1.device)  # d(sum of tau), d(count)
         for k, grad in ((1, grad1), (2, grad2)):
             tau, m, v = getattr(self, f"tau{k}"), getattr(self, f"m{k}"), getattr(self, f"v{k}")
-            g = grad.to(tau.device, tau.dtype)
-            m[ids] = beta1 * m[ids] + (1 - beta1) * g
-            v[ids] = beta2 * v[ids] + (1 - beta2) * g * g
-            m_hat = m[ids] / (1 - beta1**t)
-            v_hat = v[ids] / (1 - beta2**t)
+            g = grad.to(tau.device, tau.dtype)[own]
+            m[slots] = beta1 * m[slots] + (1 - beta1) * g
+            v[slots] = beta2 * v[slots] + (1 - beta2) * g * g
+            m_hat = m[slots] / (1 - beta1**t)
+            v_hat = v[slots] / (1 - beta2**t)
             step = self.cfg["tau_lr"] * m_hat / (v_hat.sqrt() + self.cfg["tau_adam_eps"])
-            tau[ids] = (tau[ids] - step).clamp(self.cfg["tau_min"], self.cfg["tau_max"])
+            old = tau[slots]
+            tau[slots] = (old - step).clamp(self.cfg["tau_min"], self.cfg["tau_max"])
+            change[0] += _fixed(tau[slots]).sum() - _fixed(old[~first]).sum()
+        change[1] = 2 * first.sum()
+        change = share_updates(self.layout, change[None])[0]
+        self.tau_sum += change[0]
+        self.tau_count += change[1]
 
     def temperature(self) -> float:
-        seen = self.visits > 0
-        if not bool(seen.any()):
+        if int(self.tau_count) == 0:
             return float(self.cfg["tau_init"])
-        return float(torch.cat([self.tau1[seen], self.tau2[seen]]).mean())
+        return int(self.tau_sum) / TAU_UNIT / int(self.tau_count)
+
+
+TAU_UNIT = 2**26  # fixed-point unit of the tau sum: up to 1.3e11 (id, modality) pairs at tau <= 1 fit in int64
+
+
+def _fixed(tau: torch.Tensor) -> torch.Tensor:
+    return torch.round(tau.double() * TAU_UNIT).to(torch.int64)

@@ -12,8 +12,12 @@ gradient, by the envelope theorem) at alpha = l. Each iteration (alternating, th
   2. T_u AdaGrad steps on (W1, W2) for L with embeddings, s_ii and tau detached;
   3. alpha <- NPN(...).detach(); the returned loss is L, whose gradient updates encoders and tau (AdamW); the
      tau gradient takes the form `tau_grad` says (public: the FastCLIP code base's, default; exact: L's own).
-The NPN update runs on the whole gathered batch on every rank (replicated, identical, no gradient all-reduce),
-the encoder loss on this rank's anchors. No per-sample state: sample ids are not used.
+The NPN block (`npn_block`) runs either on the whole gathered batch on every rank (replicated: identical work
+everywhere, no communication) or on this rank's anchors only with the W gradients all-reduced (averaged) before
+each AdaGrad step (sharded: 1/world of the compute, 2 m d floats all-reduced per inner step; the same W up to
+the order of the float sums). Either way every rank ends with the same W. The encoder loss is on this rank's
+anchors. `npn_matmul` may run the NPN's anchors x prototypes matmul with tf32 or bf16 inputs (float32 sums,
+float32 W and AdaGrad state; docs/benchmarks.md measures the alpha error). No per-sample state: no sample ids.
 
 Ablation switches (DFN-14M ablations in docs/method.md §4): objective unified|separate (separate: regress alpha onto l,
 AmorLIP style), npn prototype|mlp, updates alternating|simultaneous (one joint backward; the NPN's AdaGrad step
@@ -35,13 +39,15 @@ from neuclip.estimators.inner import InnerOptimizer
 from neuclip.estimators.ops import GlobalView, gather_no_grad, gradient_neutral, log_eps_g, world
 from neuclip.estimators.options import boolean, choice, integer, number
 from neuclip.estimators.temperature import TEMPERATURE_OPTIONS, LearnableTemperature
-from neuclip.nets import MLPNPN, PrototypeNPN
+from neuclip.nets import MATMULS, MLPNPN, PrototypeNPN
 
 CHOICES = {
     "objective": ("unified", "separate"),
     "npn": ("prototype", "mlp"),
     "updates": ("alternating", "simultaneous"),
     "restart_sampling": ("recent", "batch"),
+    "npn_block": ("replicated", "sharded"),
+    "npn_matmul": MATMULS,
 }
 
 
@@ -74,6 +80,11 @@ class NeuCLIP(LearnableTemperature, InnerOptimizer, Estimator):
         "objective": choice("unified", CHOICES["objective"], "NPN objective (ablation: separate)"),
         "npn": choice("prototype", CHOICES["npn"], "NPN form (ablation: mlp)"),
         "updates": choice("alternating", CHOICES["updates"], "block updates (ablation: simultaneous)"),
+        "npn_block": choice("replicated", CHOICES["npn_block"],
+                            "NPN steps on the whole gathered batch on every rank, or on local anchors with the W "
+                            "gradients all-reduced (docs/benchmarks.md for the default)"),
+        "npn_matmul": choice("fp32", CHOICES["npn_matmul"],
+                             "inputs of the NPN's anchors x prototypes matmul (float32 sums and state)"),
         "seed": integer(0, "seed of the NPN initialisation and restart draws", minimum=0, shared=True),
     }
 
@@ -97,7 +108,8 @@ class NeuCLIP(LearnableTemperature, InnerOptimizer, Estimator):
         self.generator = torch.Generator().manual_seed(int(cfg["seed"]))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg["seed"]))
-            self.npn = PrototypeNPN(d, m) if cfg["npn"] == "prototype" else MLPNPN(d, cfg["mlp_factor"])
+            self.npn = (PrototypeNPN(d, m, cfg["npn_matmul"]) if cfg["npn"] == "prototype"
+                        else MLPNPN(d, cfg["mlp_factor"]))
         # Ring buffers of recent detached global embeddings: restart material for W1 (texts), W2 (images).
         self.register_buffer("bank_text", torch.zeros(m, d))
         self.register_buffer("bank_image", torch.zeros(m, d))
@@ -170,18 +182,11 @@ class NeuCLIP(LearnableTemperature, InnerOptimizer, Estimator):
         if t == 0 or (every > 0 and t % every == 0):
             self.restart(all_image, all_text)
         simultaneous = self.cfg["updates"] == "simultaneous"
+        local = slice(view.offset, view.offset + batch.image.shape[0])
         if not simultaneous:
-            targets = gather_no_grad(log_g1.detach()), gather_no_grad(log_g2.detach())
-            opt = self.inner_optimizer()
-            with torch.enable_grad():  # the NPN block trains even when the caller runs under no_grad (shadows)
-                for _ in range(int(self.cfg["inner_steps"])):
-                    opt.zero_grad(set_to_none=True)
-                    a1, a2 = self.npn(all_image, all_text, all_pos, 1.0 / tau_now, eps)
-                    self.npn_loss(*targets, a1, a2, tau_now).backward()
-                    opt.step()
+            self._npn_block(all_image, all_text, all_pos, log_g1.detach(), log_g2.detach(), local, tau_now)
         self.iteration += 1
 
-        local = slice(view.offset, view.offset + batch.image.shape[0])
         if simultaneous:  # alpha keeps its graph in W only (inputs detached, docs/method.md §4): one backward
             self.inner_optimizer().zero_grad(set_to_none=True)  # feeds encoders and tau (through l) and the NPN
             alpha1, alpha2 = self.npn(all_image[local], all_text[local], all_pos[local], 1.0 / tau_now, eps)
@@ -206,14 +211,31 @@ class NeuCLIP(LearnableTemperature, InnerOptimizer, Estimator):
         }
         return StepOutput(loss, stats)
 
+    def _npn_block(self, all_image, all_text, all_pos, log_g1, log_g2, local: slice, tau: float) -> None:
+        """T_u AdaGrad steps on W for the unified objective (docs/method.md §4 step 5), embeddings detached."""
+        _, size = world()
+        sharded = self.cfg["npn_block"] == "sharded" and size > 1
+        if sharded:  # this rank's anchors; mean over ranks of the local means = the global mean (equal b)
+            inputs, targets = (all_image[local], all_text[local], all_pos[local]), (log_g1, log_g2)
+        else:
+            inputs, targets = (all_image, all_text, all_pos), (gather_no_grad(log_g1), gather_no_grad(log_g2))
+        opt = self.inner_optimizer()
+        params = [p for p in self.npn.parameters() if p.requires_grad]
+        with torch.enable_grad():  # the NPN block trains even when the caller runs under no_grad (shadows)
+            for _ in range(int(self.cfg["inner_steps"])):
+                opt.zero_grad(set_to_none=True)
+                a1, a2 = self.npn(*inputs, 1.0 / tau, self.cfg["eps"])
+                self.npn_loss(*targets, a1, a2, tau).backward()
+                if sharded:
+                    _average_grads(params, size)
+                opt.step()
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         if self.cfg["updates"] == "simultaneous" and self._inner_opt is not None:
             _, size = world()
             if size > 1:
-                for p in self.npn.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                _average_grads([p for p in self.npn.parameters() if p.grad is not None], size)
             self._inner_opt.step()
             self._inner_opt.zero_grad(set_to_none=True)
         self.project_temperature()
@@ -224,3 +246,13 @@ class NeuCLIP(LearnableTemperature, InnerOptimizer, Estimator):
         pos = (image.to(dtype) * text.to(dtype)).sum(1)
         a1, a2 = self.npn(image, text, pos, 1.0 / self.temperature(), self.cfg["eps"])
         return a1.float(), a2.float()
+
+
+@torch.no_grad()
+def _average_grads(params: list, size: int) -> None:
+    """Average the parameters' gradients over ranks in one all-reduce (one flat buffer, not one per tensor)."""
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= size
+    for p, part in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(part.view_as(p.grad))

@@ -28,6 +28,7 @@ class CellPlan:
     world: int
     steps: int
     state_gib_per_rank: float
+    state_gib_total: float  # summed over ranks once (what the checkpoint's files hold)
     warnings: list[str]
     cfg: dict  # the cell's train config as the job will see it (site merged)
 
@@ -68,18 +69,26 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
     ctx = EstimatorContext(embed_dim=1, data_size=d["data_size"], total_epochs=geo.total_steps / geo.steps_per_epoch,
                            total_steps=geo.total_steps, steps_per_epoch=geo.steps_per_epoch)
     options, warnings = check_method(m["name"], m["options"], m["common_options"], ctx, geo.batch)
-    state = estimator_class(m["name"]).state_bytes(options, ctx)
+    cls = estimator_class(m["name"])
+    state = cls.state_bytes(options, ctx, world)  # per rank: a 1/world share when sharded
+    whole = cls.state_bytes(options, ctx, 1)
     la = cfg["launcher"]
     tasks = world // int(la["nodes"])
-    # Every rank holds the state and, on resume, loads the whole checkpoint into host memory.
+    # Every rank holds its state and, on resume, loads it (its own checkpoint shard) into host memory.
     need_gib = tasks * state / GIB
+    sharded = options.get("state_placement") == "sharded"
     if la["mem_gb"] is not None and need_gib > la["mem_gb"]:
+        fix = "raise resources.mem_gb for this data set" + (
+            "" if sharded else ", or set common_options.state_placement: sharded (1/world of it per rank)")
         raise ConfigError(
             f"launcher.mem_gb ({la['mem_gb']}) is below the {need_gib:.0f} GiB that {m['name']}'s per-sample "
-            f"state needs per node ({tasks} ranks x {state / GIB:.1f} GiB for data_size {d['data_size']:,}): "
-            "raise resources.mem_gb for this data set"
+            f"state needs per node ({tasks} ranks x {state / GIB:.1f} GiB{' (sharded)' if sharded else ''} for "
+            f"data_size {d['data_size']:,}): {fix}"
         )
-    return CellPlan(run.key, world, geo.total_steps, state / GIB, warnings, cfg)
+    if world > 1 and not sharded and state > GIB:
+        warnings = [*warnings, f"per-sample state is replicated: {state / GIB:.1f} GiB on every rank; "
+                    f"state_placement: sharded would keep {state / world / GIB:.1f} GiB per rank"]
+    return CellPlan(run.key, world, geo.total_steps, state / GIB, whole / GIB, warnings, cfg)
 
 
 def preflight(config: dict) -> list[CellPlan]:

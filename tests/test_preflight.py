@@ -83,3 +83,23 @@ def test_each_broken_setting_names_the_cell_and_key(change, key):
             ds.pop("model", None)
     message = failure(config)
     assert key in message and "cell paper/" in message, message
+
+
+def test_sharded_state_is_counted_per_rank():
+    """state_placement: sharded holds 1/world of the per-sample state on each rank (neuclip/estimators/sharding.py):
+    the DFN-1B iSogCLR cell that replicated state puts over mem_gb 100 then fits, at 1/8 of the figure."""
+    replicated = {p.cell: p for p in preflight(slurm("paper", datasets=["dfn1b"]))}
+    config = slurm("paper", datasets=["dfn1b"], per_dataset={"dfn1b": {"resources": {"mem_gb": 100}}},
+                   common_options={"state_placement": "sharded"})
+    sharded = {p.cell: p for p in preflight(config)}
+    for method in ("sogclr", "isogclr", "fastclip"):
+        cell = f"dfn1b/{method}/default/seed0"
+        whole = replicated[cell].state_gib_per_rank
+        assert sharded[cell].world == 8 and sharded[cell].state_gib_total == pytest.approx(whole)
+        assert sharded[cell].state_gib_per_rank == pytest.approx(whole / 8, rel=1e-6)
+    # 40 bytes per id (a, tau, Adam m, v for two modalities in float32, int64 visits) x 1.4e9 ids / 8 ranks
+    assert sharded["dfn1b/isogclr/default/seed0"].state_gib_per_rank == pytest.approx(40 * 1.4e9 / 8 / 2**30, rel=1e-6)
+    message = failure(slurm("paper", datasets=["dfn1b"], per_dataset={"dfn1b": {"resources": {"mem_gb": 20}}},
+                            common_options={"state_placement": "sharded"}))
+    assert "cell paper/dfn1b/isogclr/default/seed0" in message and "(sharded)" in message  # 4 x 6.5 GiB > 20
+    assert "dfn1b/fastclip" not in message  # 4 x 1.3 GiB

@@ -58,7 +58,7 @@ def rows(plans, throughput: dict) -> list[dict]:
             "params (M)": round(params / 1e6, 1),
             "model+AdamW GiB/rank": round(model_gib, 2),
             "per-sample state GiB/rank": round(plan.state_gib_per_rank, 2),
-            "checkpoint GiB": round((model_gib * 12 / 16) + plan.state_gib_per_rank, 2),  # weights + 2 moments
+            "checkpoint GiB": round((model_gib * 12 / 16) + plan.state_gib_total, 2),  # weights + 2 moments + state
             "GPU-hours (assumed rate)": round(samples / rate / 3600, 1) if rate else None,
         })
     return out

@@ -40,6 +40,17 @@ class StepOutput:
     stats: dict[str, float] = field(default_factory=dict)  # detached numbers for the metrics log
 
 
+@dataclass(frozen=True)
+class ShardedState:
+    """Per-sample arrays split by sample id (neuclip/estimators/sharding.py): their state_dict keys and fill
+    values (what an id never visited holds), this rank's place and the array length before the split."""
+
+    fills: dict[str, float]  # state_dict key -> value of an unvisited id
+    rank: int
+    world: int
+    data_size: int
+
+
 @dataclass
 class EstimatorContext:
     """What an estimator may know about the run it is part of."""
@@ -101,10 +112,16 @@ class Estimator(nn.Module):
         return []
 
     @classmethod
-    def state_bytes(cls, options: dict, ctx: EstimatorContext) -> int:
-        """Bytes of state that grow with the data set (per-sample normalisers), for the preflight's memory
-        estimate; state of fixed size (NPN, lambda-nets) is small next to the model and not counted."""
+    def state_bytes(cls, options: dict, ctx: EstimatorContext, world: int = 1) -> int:
+        """Bytes *per rank* of state that grows with the data set (per-sample normalisers) in a run of `world`
+        ranks, for the preflight's memory estimate; state of fixed size (NPN, lambda-nets) is small next to the
+        model and not counted."""
         return 0
+
+    def sharded_state(self) -> ShardedState | None:
+        """The state_dict entries that are this rank's shard of per-sample arrays (checkpointed per rank,
+        neuclip/train/resume.py), or None when every rank holds the same state."""
+        return None
 
     def __init__(self, cfg: dict, ctx: EstimatorContext):
         super().__init__()

@@ -4,6 +4,11 @@
 neuclip/atomic.py (a temp file in the same folder, fsynced and renamed), so a killed job never leaves a half
 file under a real name; the oldest are deleted beyond `keep_last`. Loading tries the newest first and falls
 back to older ones if a file is unreadable (a disk that lost data despite fsync), saying so.
+
+Sharded estimator state (per-sample arrays split by sample id) goes to one file per rank beside it,
+`step_000001000.rank00003-of-00008.pt`, each written by its own rank *before* rank 0 writes the main file: a
+main file therefore always has its shards, and shards without a main file (a kill in between) are leftovers
+that `remove_stale_temps` clears. Shards are read memory-mapped, so loading one does not hold a second copy.
 """
 
 from __future__ import annotations
@@ -20,10 +25,28 @@ import torch
 from neuclip.atomic import write_with
 
 _NAME = re.compile(r"^step_(\d{9,})\.pt$")
+_SHARD = re.compile(r"^step_(\d{9,})\.rank\d{5,}-of-\d{5,}\.pt$")
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
     return Path(folder) / f"step_{step:09d}.pt"
+
+
+def shard_path(folder: Path, step: int, rank: int, world: int) -> Path:
+    return Path(folder) / f"step_{step:09d}.rank{rank:05d}-of-{world:05d}.pt"
+
+
+def save_shard(folder: Path, step: int, rank: int, world: int, state: dict) -> Path:
+    """One rank's shard of step `step` (call before the main file is written)."""
+    return write_with(shard_path(folder, step, rank, world), lambda f: torch.save(state, f), binary=True)
+
+
+def load_shard(folder: Path, step: int, rank: int, world: int) -> dict:
+    return torch.load(shard_path(folder, step, rank, world), map_location="cpu", weights_only=True, mmap=True)
+
+
+def _shards_of(folder: Path, step: int) -> list[Path]:
+    return sorted(Path(folder).glob(f"step_{step:09d}.rank*-of-*.pt"))
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -36,8 +59,10 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 def save(folder: Path, step: int, state: dict, keep_last: int) -> Path:
     final = write_with(checkpoint_path(folder, step), lambda f: torch.save(state, f), binary=True)
-    for _, old in list_checkpoints(folder)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    for old_step, old in list_checkpoints(folder)[:-keep_last]:
+        old.unlink(missing_ok=True)  # the main file first: what is left is never a main file without shards
+        for shard in _shards_of(folder, old_step):
+            shard.unlink(missing_ok=True)
     return final
 
 
@@ -45,21 +70,36 @@ def remove_stale_temps(folder: Path) -> None:
     """Temp files of writers that were killed mid-write."""
     folder = Path(folder)
     if folder.is_dir():
+        mains = {step for step, _ in list_checkpoints(folder)}
         for name in os.listdir(folder):
             if name.startswith(".step_") and ".pt." in name:  # .step_N.pt.XXXX.tmp (neuclip.atomic)
                 (folder / name).unlink(missing_ok=True)
+            elif (m := _SHARD.match(name)) and int(m.group(1)) not in mains:  # shards of an unfinished save
+                (folder / name).unlink(missing_ok=True)
 
 
-def load_latest(folder: Path, map_location="cpu") -> tuple[Path, dict] | None:
+def load_latest(folder: Path, map_location="cpu", complete=None, agree=None) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint (path, state). `complete(path, state)` may read more (e.g. this rank's
+    estimator shards) and raise if it cannot; `agree(ok)` makes the ranks take the same checkpoint (a
+    collective: every rank must call this function)."""
     for _step, path in reversed(list_checkpoints(folder)):
+        state, err = None, None
         try:
-            return path, torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file: try the previous one
-            print(
-                f"neuclip train: checkpoint {path} is unreadable ({err!r}); trying an older one",
-                file=sys.stderr,
-                flush=True,
-            )
+            state = torch.load(path, map_location=map_location, weights_only=True)
+            if complete is not None:
+                state = complete(path, state)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
+            state, err = None, e
+        ok = state is not None
+        if agree is not None:
+            ok = agree(ok)
+        if ok:
+            return path, state
+        print(
+            f"neuclip train: checkpoint {path} is unreadable ({err!r} here; or on another rank); trying an older one",
+            file=sys.stderr,
+            flush=True,
+        )
     return None
 
 

@@ -6,6 +6,11 @@ on, checked on resume), the schedule's position, the config it was written with 
 so far. Format 1 (the earlier slot-based loader, whose order depended on the worker count) is refused with
 a message: its data order cannot be continued. Files and their atomic writing are neuclip/train/checkpoint.py's
 business.
+
+Per-sample state sharded across ranks (`state_placement: sharded`, neuclip/estimators/sharding.py) is not in
+the main file: each rank writes its own shard and, on resume, reads only its own (at the same world size) or,
+at another world size, re-cuts the old shards one at a time into its new share (`estimator_state`). The ranks
+agree on which checkpoint they resume from, so a shard unreadable on one rank sends all back to an older one.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from neuclip.estimators.sharding import IdShards, reshard
 from neuclip.train import checkpoint as ckpt
 from neuclip.train.config import ConfigError, identity_diff
 from neuclip.train.data import TrainData, resume_point
@@ -28,6 +34,14 @@ def save(
     """Collective: every rank contributes its RNG and data counts; rank 0 writes. Returns the path on rank 0."""
     rngs = proc.gather(ckpt.rng_state())
     data_state = loader.state()
+    estimator = parts.estimator.state_dict()
+    sharded = parts.estimator.sharded_state()
+    if sharded is not None:  # this rank's shard first: a main file is only ever written after all of its shards
+        shard = {key: estimator.pop(key) for key in sharded.fills}
+        meta = {"rank": sharded.rank, "world": sharded.world, "data_size": sharded.data_size}
+        ckpt.save_shard(ckpt_dir, step, proc.rank, proc.world,
+                        {"format": FORMAT, "step": step, **meta, "estimator": shard})
+        proc.barrier()
     path = None
     if proc.rank == 0:
         state = {
@@ -38,7 +52,9 @@ def save(
             "model": parts.model.state_dict(),
             "optimizer": parts.optimizer.state_dict(),
             "scheduler": {"step": step, "total_steps": geo.total_steps, "warmup_steps": cfg["train"]["warmup_steps"]},
-            "estimator": parts.estimator.state_dict(),
+            "estimator": estimator,
+            "estimator_shards": None if sharded is None else {
+                "world": sharded.world, "data_size": sharded.data_size, "fills": sharded.fills},
             "rng": rngs,
             "data": data_state,
             "world_size": proc.world,
@@ -57,7 +73,10 @@ def load(
     Returns (step, this rank's share of the undecodable-image count, training wall time so far); (0, 0, 0.0)
     without a checkpoint.
     """
-    found = ckpt.load_latest(ckpt_dir)
+    def complete(path: Path, state: dict) -> dict:  # this rank's estimator state, shards included
+        return {**state, "estimator": estimator_state(path, state, parts.estimator)}
+
+    found = ckpt.load_latest(ckpt_dir, complete=complete, agree=proc.all_ok)
     if found is None:
         return 0, 0, 0.0
     path, state = found
@@ -84,3 +103,31 @@ def load(
     if proc.rank == 0:
         print(f"neuclip train: resumed from {path} (step {state['step']})", file=sys.stderr, flush=True)
     return int(state["step"]), bad_decoded, float(state.get("train_wall_s", 0.0))
+
+
+def estimator_state(path: Path, state: dict, estimator) -> dict:
+    """The estimator's state_dict for *its* layout from checkpoint `path` (main file already read: `state`).
+
+    Per-sample arrays come from the main file (written unsharded) or from the rank shards beside it: this
+    rank's own shard when the world size is the same, else every old shard in turn re-cut into this rank's
+    share (neuclip/estimators/sharding.py `reshard`; any world size to any, one process included)."""
+    out = dict(state["estimator"])
+    info, mine = state.get("estimator_shards"), estimator.sharded_state()
+    if info is None and mine is None:
+        return out
+    own = estimator.state_dict()
+    keys = sorted((info or {}).get("fills", {}) or (mine.fills if mine else {}))
+    n = int(info["data_size"]) if info else mine.data_size
+    target = IdShards(mine.rank, mine.world, n) if mine else IdShards(0, 1, n)
+    if info is None:  # whole arrays in the main file: take this rank's strided share
+        return out | {key: out[key][target.rank :: target.world] for key in keys}  # load_state_dict copies
+    folder, step, world = path.parent, int(state["step"]), int(info["world"])
+    if target.world == world:
+        shard = ckpt.load_shard(folder, step, target.rank, world)
+        if (shard["rank"], shard["world"], shard["data_size"]) != (target.rank, world, n):
+            raise ValueError(f"{ckpt.shard_path(folder, step, target.rank, world)} is the shard of another layout")
+        return out | {key: shard["estimator"][key] for key in keys}  # memory-mapped; load_state_dict copies
+    specs = {key: (own[key].dtype, info["fills"][key]) for key in keys}
+    sources = [(IdShards(r, world, n), lambda r=r: ckpt.load_shard(folder, step, r, world)["estimator"])
+               for r in range(world)]
+    return out | reshard(target, specs, sources)
