@@ -82,46 +82,4 @@ def test_bad_error_settings_are_named(key, value, synth_data, tmp_path):
         tiny_config(tmp_path / "run", str(synth_data / "train" / "*.tar"), **{key: value})
 
 
-def _rows_of(ids, at):
-    """Rows that say which id they belong to: (id, 1) at columns at, at+1 of a 4-wide zero row."""
-    rows = torch.zeros(ids.numel(), 4)
-    rows[:, at], rows[:, at + 1] = ids.float(), 1.0
-    return rows
-
-
-def _gather_worker(rank, world, port, out_dir):
-    import os
-
-    import torch.distributed as dist
-
-    from neuclip.error_study.tracking import _gather_rows
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        counts = {0: 3, 1: 0, 2: 5}  # uneven, and one rank with no shard at all
-        ids = torch.arange(rank, 100, world)[: counts[rank]].flip(0)  # interleaved ids, out of order
-        local = None
-        if counts[rank]:
-            local = (_rows_of(ids, 0), _rows_of(ids, 2), ids)
-        rows = _gather_rows(local, 4, "cpu", world)
-        if rank == 0:
-            torch.save(rows, os.path.join(out_dir, "rows.pt"))
-        else:
-            assert rows is None
-    finally:
-        dist.destroy_process_group()
-
-
-def test_gather_rows_from_uneven_and_empty_ranks(tmp_path):
-    import torch.multiprocessing as mp
-
-    from tests.test_estimators_distributed import free_port
-
-    mp.spawn(_gather_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
-    image, text, ids = torch.load(tmp_path / "rows.pt", weights_only=True)
-    want = torch.tensor(sorted([0, 3, 6] + [2, 5, 8, 11, 14]))
-    assert torch.equal(ids, want)
-    # rows travel with their ids and come back unit-normalised
-    torch.testing.assert_close(image, torch.nn.functional.normalize(_rows_of(want, 0), dim=1))
-    torch.testing.assert_close(text, torch.nn.functional.normalize(_rows_of(want, 2), dim=1))
+# Uneven ranks and a rank without data: tests/test_error_streaming.py (1, 2 and 3 processes against one).

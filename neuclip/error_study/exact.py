@@ -112,3 +112,114 @@ def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
     allocates two more a x chunk temporaries). A row that is all -inf gives -inf, not nan."""
     top = logits.amax(dim=1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)
     return logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+
+
+class StreamingExact:
+    """The same alpha* for fixed anchors against rows that arrive in any order and on any rank (docs/method.md
+    §6.2, distributed): each rank feeds its own rows to `add`, keeping only per-anchor running log-sums (and,
+    for the mini-batch estimate, log-sums over each anchor's batch-mates); `result` combines the ranks'.
+
+    Memory per rank: the anchors (A x d) and one chunk of rows with its A x chunk logits, never n x d. Rows are
+    identified by their position 0..n-1 in the data set's order (ids sorted), so that the positive pair j == i
+    is left out and the mini-batch partition is the one `estimates.minibatch_log_normalizers` draws. The
+    per-chunk kernels are `_block`/`_block_direct` above, so every chunk's arithmetic is the one-process pass's.
+    """
+
+    def __init__(self, anchor_image, anchor_text, anchor_rows, n: int, tau: float, eps: float, *,
+                 accumulate: str = "float64", anchor_block: int = 1024, batch_of=None, batch_size: int = 0):
+        """`anchor_rows`: the anchors' positions. `batch_of` (optional, (n,) int64): each position's mini-batch
+        in the partition, -1 outside a full batch; then `result` also gives log(eps + g_hat) per anchor in its
+        batch of `batch_size`."""
+        if n < 2:
+            raise ValueError("the exact normaliser needs at least 2 samples")
+        self.image, self.text = anchor_image, anchor_text
+        self.rows = anchor_rows.to(anchor_image.device)
+        self.n, self.tau, self.eps, self.block = n, tau, eps, anchor_block
+        self.acc = torch.promote_types(ACCUMULATE[accumulate], anchor_image.dtype)
+        self.pos = (anchor_image * anchor_text).sum(1)
+        self.norms = anchor_image.norm(dim=1), anchor_text.norm(dim=1)
+        a = anchor_rows.numel()
+        self.sums = torch.full((2, a), -math.inf, dtype=self.acc, device=anchor_image.device)
+        self.batch_of, self.batch_size = batch_of, batch_size
+        if batch_of is not None:
+            self.batch_of = batch_of.to(anchor_image.device)
+            self.anchor_batch = self.batch_of[self.rows]
+            self.mb = torch.full((2, a), -math.inf, dtype=torch.float64, device=anchor_image.device)
+        self.seen = 0
+
+    @torch.no_grad()
+    def add(self, image: torch.Tensor, text: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rows at positions `rows` (c,) with embeddings `image`, `text` (c, d)."""
+        if rows.numel() == 0:
+            return
+        rows = rows.to(image.device)
+        self.seen += rows.numel()
+        order = torch.argsort(rows)
+        at = torch.searchsorted(rows[order], self.rows).clamp_max(rows.numel() - 1)
+        own = torch.where(rows[order][at] == self.rows, order[at], -1)  # each anchor's own column, or -1
+        chunk = min(CPU_CHUNK if image.device.type == "cpu" else GPU_CHUNK, rows.numel())
+        limit = 0.9 * math.log(torch.finfo(image.dtype).max)
+        for k, (anchor, others) in enumerate(((self.image, text), (self.text, image))):
+            other_norm = float(others.norm(dim=1).max())
+            for b0 in range(0, self.rows.numel(), self.block):
+                sl = slice(b0, b0 + self.block)
+                bound = (float(self.norms[k][sl].max()) * other_norm + float(self.pos[sl].abs().max())) / self.tau
+                kernel = _block_direct if bound + math.log(chunk) < limit else _block
+                part = kernel(anchor[sl], others, own[sl], self.pos[sl], self.tau, chunk, self.acc)
+                self.sums[k, sl] = torch.logaddexp(self.sums[k, sl], part.to(self.acc))
+        if self.batch_of is not None:
+            self._add_batch_mates(image, text, rows)
+
+    def _add_batch_mates(self, image, text, rows) -> None:
+        """log-sums over j in the anchor's mini-batch, j != i: the few (anchor, row) pairs that share a batch,
+        each a float64 dot product (the one-process estimate computes them in float32)."""
+        row_batch = self.batch_of[rows]
+        by_batch = torch.argsort(self.anchor_batch)
+        sorted_batch = self.anchor_batch[by_batch]
+        lo = torch.searchsorted(sorted_batch, row_batch)
+        hi = torch.searchsorted(sorted_batch, row_batch, right=True)
+        count = torch.where(row_batch >= 0, hi - lo, 0)
+        if int(count.sum()) == 0:
+            return
+        col = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), count)
+        start = torch.repeat_interleave(lo, count)
+        offset = torch.arange(col.numel(), device=rows.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        anchor = by_batch[start + offset]
+        keep = self.rows[anchor] != rows[col]  # not the positive pair
+        anchor, col = anchor[keep], col[keep]
+        pos = self.pos[anchor].double()
+        for k, (mine, others) in enumerate(((self.image, text), (self.text, image))):
+            h = ((mine[anchor].double() * others[col].double()).sum(1) - pos) / self.tau
+            top = torch.full_like(self.mb[k], -math.inf).scatter_reduce(0, anchor, h, "amax")
+            total = torch.zeros_like(self.mb[k]).index_add_(0, anchor, torch.exp(h - top[anchor]))
+            self.mb[k] = torch.logaddexp(self.mb[k], top + total.log())
+
+    @torch.no_grad()
+    def result(self):
+        """(alpha1*, alpha2*) in `accumulate`, and with `batch_of` also the mini-batch (est1, est2) in float32 (NaN
+        for anchors outside a full batch). A collective under torch.distributed: every rank gets the same."""
+        from neuclip.estimators.ops import world
+
+        rank_sums, rank_mb = self.sums, self.mb if self.batch_of is not None else None
+        _, size = world()
+        seen = torch.tensor([self.seen], device=self.sums.device)
+        if size > 1:
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(self.sums) for _ in range(size)]
+            dist.all_gather(parts, self.sums)  # in rank order: the same combination on every rank
+            rank_sums = torch.logsumexp(torch.stack(parts), dim=0)
+            if rank_mb is not None:
+                parts = [torch.empty_like(self.mb) for _ in range(size)]
+                dist.all_gather(parts, self.mb)
+                rank_mb = torch.logsumexp(torch.stack(parts), dim=0)
+            dist.all_reduce(seen)
+        if int(seen) != self.n:
+            raise ValueError(f"the streamed rows number {int(seen)}, expected n = {self.n}")
+        log_eps = math.log(self.eps)
+        alpha = torch.logaddexp(rank_sums - math.log(self.n - 1), torch.full_like(rank_sums, log_eps))
+        if rank_mb is None:
+            return alpha[0], alpha[1]
+        est = torch.logaddexp(rank_mb - math.log(self.batch_size - 1), torch.full_like(rank_mb, log_eps)).float()
+        est[:, self.anchor_batch < 0] = math.nan
+        return (alpha[0], alpha[1]), (est[0], est[1])

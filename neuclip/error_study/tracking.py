@@ -1,17 +1,19 @@
 """Normaliser error tracked *during* training (config section `error`, docs/method.md §6).
 
-Every `error.every` steps (and at the last step) every rank embeds its share of the training shards with the
-current model and its evaluation transform; rank 0 gathers the embeddings, computes the exact alpha* of a
-fixed random anchor subset and scores the estimator's own estimate, appending one line to
-RUN/error_curve.jsonl. The measurement must not change the run: it works under no_grad in eval mode (no
-dropout, no BatchNorm statistics update) and restores every RNG afterwards, so a run with tracking on is
-bit-identical to one with it off (tested). The other ranks wait at a barrier while rank 0 computes (the trainer
-raises the collective timeout to 2 h when tracking is on). The measurement's time is kept out of the logged
-samples/s. A method without a normaliser estimate (SigLIP, iSogCLR) gets a note and no curve.
+Every `error.every` steps (and at the last step) the ranks measure together (run_error.measure_streaming):
+the anchors, a fixed random subset of the training samples, are embedded by the ranks holding them and shared;
+each rank then streams its share of the training shards through the current model with its evaluation
+transform, keeping only per-anchor running log-sums, which are combined across ranks into the exact alpha*;
+the estimator's own estimate is scored and rank 0 appends one line to RUN/error_curve.jsonl. Memory per rank
+is anchors x d plus one embedding batch, never n x d. The measurement must not change the run: it works under
+no_grad in eval mode (no dropout, no BatchNorm statistics update; every rank has rank 0's BatchNorm statistics,
+train.batchnorm) and restores every RNG afterwards, so a run with tracking on is bit-identical to one with it
+off (tested). The measurement's time is kept out of the logged samples/s. A method without a normaliser
+estimate (SigLIP, iSogCLR) gets a note and no curve.
 
-Cost per measurement: one forward pass over the embedded data plus an anchors x n matmul; `error.shards`
-limits the embedded data to the first N shards (the exact alpha* is then over those samples only, which
-biases it low at small tau: prefer all shards and a larger `every`).
+Cost per measurement: one forward pass over the data (each rank its share) plus an anchors x n/world matmul
+per rank; `error.shards` limits the embedded data to the first N shards (the exact alpha* is then over those
+samples only, which biases it low at small tau: prefer all shards and a larger `every`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from neuclip.error_study.estimates import SCORED_KINDS
-from neuclip.error_study.run_error import anchor_positions, embed_shards, measure, sort_by_id
+from neuclip.error_study.run_error import measure_streaming
 from neuclip.train import checkpoint as ckpt
 
 CURVE_FILE = "error_curve.jsonl"
@@ -73,29 +75,17 @@ class ErrorTracker:
         return self.enabled and (step % self.ctx.every == 0 or step == total)
 
     def __call__(self, step: int, epoch: float, model) -> None:
-        """Collective: every rank embeds its share of the shards, rank 0 gathers, measures and writes."""
+        """Collective: the ranks measure together (each streams its share of the shards); rank 0 writes."""
         c, t0 = self.ctx, time.perf_counter()
         rng, was_training = ckpt.rng_state(), model.training
         model.eval()
         try:
-            local = embed_shards(
-                model,
-                c.transform,
-                c.tokenizer,
-                c.shards[c.rank :: c.world],
-                c.embed_batch,
-                c.device,
-                c.workers,
-                c.skip_bad,
-                c.bf16,
-                allow_empty=c.world > 1,
+            row = measure_streaming(
+                self.estimator, model, c.transform, c.tokenizer, c.shards, anchors=c.anchors,
+                train_batch=c.train_batch, seed=c.seed, embed_batch=c.embed_batch, device=c.device,
+                embed_dim=c.embed_dim, workers=c.workers, skip_bad=c.skip_bad, bf16=c.bf16, rank=c.rank,
+                world=c.world,
             )
-            rows = _gather_rows(local, c.embed_dim, c.device, c.world) if c.world > 1 else sort_by_id(*local)
-            if c.rank == 0:
-                image, text, ids = rows
-                anchors = anchor_positions(image.shape[0], c.anchors, c.seed)
-                row = measure(self.estimator, image, text, ids, anchors, c.train_batch, c.seed)
-            del local, rows
         finally:
             model.train(was_training)
             ckpt.set_rng_state(rng)
@@ -109,34 +99,3 @@ class ErrorTracker:
         if c.world > 1:
             dist.barrier()
 
-
-def _gather_rows(local, dim: int, device, world: int):
-    """Every rank's (image, text, ids) rows on rank 0, sorted by id (None elsewhere). Ranks hold different
-    numbers of rows (or none): each pads to the largest count for `dist.gather`, and rank 0 trims."""
-    image, text, ids = (
-        local
-        if local is not None
-        else (
-            torch.empty(0, dim, device=device),
-            torch.empty(0, dim, device=device),
-            torch.empty(0, dtype=torch.long, device=device),
-        )
-    )
-    count = torch.tensor([ids.numel()], device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    most, rank0 = max(counts), dist.get_rank() == 0
-    gathered = []
-    for part in (torch.cat([image, text], dim=1), ids):
-        padded = part.new_zeros((most, *part.shape[1:]))
-        padded[: part.shape[0]] = part
-        bucket = [torch.empty_like(padded) for _ in range(world)] if rank0 else None
-        dist.gather(padded, bucket, dst=0)
-        gathered.append(torch.cat([b[:c] for b, c in zip(bucket, counts)]) if rank0 else None)
-    if not rank0:
-        return None
-    if gathered[1].numel() == 0:
-        raise ValueError("error tracking: no rank could read a sample of the training shards")
-    both, ids = gathered
-    return sort_by_id(both[:, :dim], both[:, dim:], ids)
