@@ -162,14 +162,60 @@ def make_loader(cfg: dict, data: TrainData, proc: Process, start: int, bad_decod
     )
 
 
-def wrap_ddp(model: torch.nn.Module, proc: Process) -> torch.nn.Module:
-    """What the step calls: DistributedDataParallel(model) under a process group, else the model."""
+def wrap_ddp(model: torch.nn.Module, proc: Process, batchnorm: str = "broadcast") -> torch.nn.Module:
+    """What the step calls: DistributedDataParallel(model) under a process group, else the model.
+
+    `batchnorm` (train.batchnorm): "sync" converts BatchNorm layers to SyncBatchNorm in place (same parameters
+    and buffers, so checkpoints and the export are unchanged; CUDA only); "broadcast" leaves them, and the step
+    copies rank 0's statistics to every rank afterwards (`buffer_sync`), so DDP need not broadcast them."""
     if proc.world == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    if batchnorm == "sync" and batchnorm_buffers(model):
+        if proc.device.type != "cuda":
+            raise ConfigError("train.batchnorm: sync needs CUDA (torch's SyncBatchNorm does not run on CPU): "
+                              "use train.batchnorm: broadcast, or train.device: cuda")
+        if torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) is not model:
+            raise ConfigError("train.batchnorm: sync: the model itself is a BatchNorm layer")
     return DistributedDataParallel(
         model,
         device_ids=[proc.device.index] if proc.device.type == "cuda" else None,
         broadcast_buffers=False,
     )
+
+
+def batchnorm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Running statistics (and batch counters) of the model's BatchNorm layers."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers(recurse=False)]
+
+
+def buffer_sync(model: torch.nn.Module, proc: Process, batchnorm: str):
+    """A callable giving every rank rank 0's BatchNorm statistics (one broadcast per dtype), or None where
+    nothing can differ: one process, no BatchNorm, or SyncBatchNorm (every rank computes the same update).
+
+    DDP's own broadcast_buffers=True (open_clip's default) sends rank 0's buffers at the *start* of each
+    forward, so the other ranks' copies differ between steps, when checkpoints, error tracking (eval mode)
+    and the export read them. Sending them right after each step gives the same statistics to every rank at
+    every step boundary, and rank 0's trajectory is unchanged (BatchNorm uses batch statistics in training)."""
+    buffers = batchnorm_buffers(model)
+    if proc.world == 1 or batchnorm == "sync" or not buffers:
+        return None
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in buffers:
+        groups.setdefault(b.dtype, []).append(b)
+
+    @torch.no_grad()
+    def sync() -> None:
+        for tensors in groups.values():
+            flat = _flatten_dense_tensors(tensors)
+            dist.broadcast(flat, src=0)
+            for b, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+                b.copy_(value)
+
+    return sync

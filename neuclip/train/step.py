@@ -4,9 +4,9 @@ The local batch goes through the open_clip model (DDP-wrapped when distributed; 
 the estimator turns the local embeddings, sample ids, step and fractional epoch into a loss (it gathers the
 global batch itself), backward, the estimator's own parameters' gradients are averaged across ranks (they
 live outside DDP), gradients are clipped, and then - only if the loss, every estimator statistic and the
-gradient norm are finite on every rank - the schedule sets each group's lr, AdamW steps and the estimator
-projects (clamps tau). A non-finite value raises before the optimiser step, so the last checkpoint stays
-the last good state.
+gradient norm are finite on every rank - the schedule sets each group's lr, AdamW steps, BatchNorm statistics
+are made the same on every rank (train.batchnorm) and the estimator projects (clamps tau). A non-finite value
+raises before the optimiser step, so the last checkpoint stays the last good state.
 """
 
 from __future__ import annotations
@@ -59,10 +59,12 @@ class Stepper:
         total_steps: int,
         steps_per_epoch: int,
         ckpt_dir: Path,
+        sync_buffers: Callable[[], None] | None = None,
     ):
         self.model, self.estimator, self.optimizer = model, estimator, optimizer
         self.world, self.device, self.bf16 = world, device, bf16
         self.total, self.spe, self.ckpt_dir = total_steps, steps_per_epoch, ckpt_dir
+        self.sync_buffers = sync_buffers  # rank 0's BatchNorm statistics to every rank (setup.buffer_sync)
         t = cfg["train"]
         self.clip = float(t["grad_clip"]) if t["grad_clip"] else math.inf
         self.warmup, self.data_size = t["warmup_steps"], cfg["data"]["data_size"]
@@ -95,6 +97,8 @@ class Stepper:
         self._check(out, any_bad_stat, bad_stat, step)
         set_lr(self.optimizer, lr_multiplier(step, self.warmup, self.total), self.estimator.lr_factors())
         self.optimizer.step()
+        if self.sync_buffers is not None:
+            self.sync_buffers()
         self.estimator.after_optimizer_step()
         return out
 

@@ -79,3 +79,35 @@ def last_logged_step(run_dir: Path) -> int:
         return json.loads(lines[-1])["step"] if lines else 0
     except (OSError, ValueError):
         return 0
+
+
+RANK_DUMPS = "rank_states"  # RUN/rank_states/step_N.rankR.pt, written by `train_dumping_ranks`
+
+
+def train_dumping_ranks(config_path: str) -> None:
+    """`neuclip train CONFIG`, but every checkpoint also dumps *each rank's* model and estimator state_dict
+    (a checkpoint holds rank 0's model only): tests compare ranks and runs with it. Run under torchrun as
+    `python -m neuclip.train.testing CONFIG`."""
+    import os
+
+    from neuclip.cli import main
+    from neuclip.train import resume
+
+    real_save = resume.save
+
+    def save(ckpt_dir, step, cfg, geo, proc, parts, loader, train_wall_s):
+        out = Path(cfg["run_dir"]) / RANK_DUMPS
+        out.mkdir(parents=True, exist_ok=True)
+        state = {"model": parts.model.state_dict(), "estimator": parts.estimator.state_dict()}
+        torch.save(state, out / f"step_{step}.rank{proc.rank}.pt")
+        return real_save(ckpt_dir, step, cfg, geo, proc, parts, loader, train_wall_s)
+
+    resume.save = save
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raise SystemExit(main(["train", config_path]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    train_dumping_ranks(sys.argv[1])

@@ -47,7 +47,7 @@ from neuclip.train.runtime import (
     setup_distributed,
     wants_cuda,
 )
-from neuclip.train.setup import Geometry, build_parts, make_data, make_loader, make_tracker, wrap_ddp
+from neuclip.train.setup import Geometry, buffer_sync, build_parts, make_data, make_loader, make_tracker, wrap_ddp
 from neuclip.train.step import Stepper, TrainingDiverged
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "TrainingDiverged", "train"]
@@ -140,7 +140,7 @@ class _Trainer:
             )
         self.loader = make_loader(cfg, data, proc, start, bad_decoded, self.parts)
         try:
-            last = self._loop(start, wrap_ddp(self.parts.model, proc))
+            last = self._loop(start, wrap_ddp(self.parts.model, proc, cfg["train"]["batchnorm"]))
         finally:
             self.loader.close()
         return self._finish(last)
@@ -159,6 +159,7 @@ class _Trainer:
             total_steps=total,
             steps_per_epoch=spe,
             ckpt_dir=self.ckpt_dir,
+            sync_buffers=buffer_sync(parts.model, self.proc, self.cfg["train"]["batchnorm"]),
         )
         log = MetricsLog(self.run_dir, self.proc.rank, self.geo.batch, total, start, self.cfg)
         parts.model.train()
