@@ -91,9 +91,8 @@ class PerSampleEstimator(Estimator):
         self.register_buffer("a1", torch.full((self.layout.size,), math.nan, dtype=dtype))
         self.register_buffer("a2", torch.full((self.layout.size,), math.nan, dtype=dtype))
 
-    def sharded_state(self) -> ShardedState | None:
-        if self.layout.world == 1:
-            return None
+    def sharded_state(self) -> ShardedState:
+        # replicated state is the 1-rank layout: one file (rank 0 writes it) that every rank memory-maps
         return ShardedState(dict(self.fills), self.layout.rank, self.layout.world, self.layout.data_size)
 
     def _check_layout(self) -> None:

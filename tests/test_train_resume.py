@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import tensors_equal, tiny_config, write_config
+from neuclip.train.testing import read_checkpoint, tensors_equal, tiny_config, write_config
 
 torch.set_num_threads(1)
 
@@ -35,7 +35,7 @@ def shards(data: Path) -> str:
 
 
 def _final(run_dir: Path, step: int) -> dict:
-    return torch.load(ckpt.checkpoint_path(run_dir / "checkpoints", step), weights_only=True)
+    return read_checkpoint(run_dir / "checkpoints", step)  # per-sample state from its shard file included
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:

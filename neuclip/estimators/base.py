@@ -119,8 +119,9 @@ class Estimator(nn.Module):
         return 0
 
     def sharded_state(self) -> ShardedState | None:
-        """The state_dict entries that are this rank's shard of per-sample arrays (checkpointed per rank,
-        neuclip/train/resume.py), or None when every rank holds the same state."""
+        """The state_dict entries that are per-sample arrays, with this rank's share of them (world 1: the whole
+        arrays, the same on every rank), or None without such state. They are checkpointed in files of their
+        own, one per shard, that a resume reads memory-mapped (neuclip/train/resume.py)."""
         return None
 
     def __init__(self, cfg: dict, ctx: EstimatorContext):

@@ -7,10 +7,12 @@ so far. Format 1 (the earlier slot-based loader, whose order depended on the wor
 a message: its data order cannot be continued. Files and their atomic writing are neuclip/train/checkpoint.py's
 business.
 
-Per-sample state sharded across ranks (`state_placement: sharded`, neuclip/estimators/sharding.py) is not in
-the main file: each rank writes its own shard and, on resume, reads only its own (at the same world size) or,
-at another world size, re-cuts the old shards one at a time into its new share (`estimator_state`). The ranks
-agree on which checkpoint they resume from, so a shard unreadable on one rank sends all back to an older one.
+Per-sample state (the arrays of `Estimator.sharded_state()`) is not in the main file but in shard files beside
+it: sharded across ranks (`state_placement: sharded`, neuclip/estimators/sharding.py), each rank writes its own
+and, on resume, reads only its own (at the same world size) or, at another world size, re-cuts the old shards
+one at a time into its new share (`estimator_state`); replicated, rank 0 writes the one whole copy. Shards are
+read memory-mapped, so a resume never holds a second private copy of the state. The ranks agree on which
+checkpoint they resume from, so a shard unreadable on one rank sends all back to an older one.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ def save(
     data_state = loader.state()
     estimator = parts.estimator.state_dict()
     sharded = parts.estimator.sharded_state()
-    if sharded is not None:  # this rank's shard first: a main file is only ever written after all of its shards
+    if sharded is not None:  # the shards first: a main file is only ever written after all of its shards
         shard = {key: estimator.pop(key) for key in sharded.fills}
-        meta = {"rank": sharded.rank, "world": sharded.world, "data_size": sharded.data_size}
-        ckpt.save_shard(ckpt_dir, step, proc.rank, proc.world,
-                        {"format": FORMAT, "step": step, **meta, "estimator": shard})
+        if sharded.world > 1 or proc.rank == 0:  # replicated (world 1): every rank holds the same, rank 0 writes
+            meta = {"rank": sharded.rank, "world": sharded.world, "data_size": sharded.data_size}
+            ckpt.save_shard(ckpt_dir, step, sharded.rank, sharded.world,
+                            {"format": FORMAT, "step": step, **meta, "estimator": shard})
         proc.barrier()
     path = None
     if proc.rank == 0:
@@ -108,9 +111,10 @@ def load(
 def estimator_state(path: Path, state: dict, estimator) -> dict:
     """The estimator's state_dict for *its* layout from checkpoint `path` (main file already read: `state`).
 
-    Per-sample arrays come from the main file (written unsharded) or from the rank shards beside it: this
-    rank's own shard when the world size is the same, else every old shard in turn re-cut into this rank's
-    share (neuclip/estimators/sharding.py `reshard`; any world size to any, one process included)."""
+    Per-sample arrays come from the shard files beside it: this rank's own shard when the world size is the
+    same, else every old shard in turn re-cut into this rank's share (neuclip/estimators/sharding.py `reshard`;
+    any world size to any, one process included); or, from a checkpoint whose main file holds them whole (as
+    before shard files), this rank's strided share of those."""
     out = dict(state["estimator"])
     info, mine = state.get("estimator_shards"), estimator.sharded_state()
     if info is None and mine is None:

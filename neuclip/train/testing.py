@@ -46,6 +46,24 @@ def write_config(path: str | Path, cfg: dict) -> Path:
     return path
 
 
+def read_checkpoint(folder: str | Path, step: int) -> dict:
+    """A checkpoint with its per-sample state put back whole into "estimator" (from its shard files: id i of
+    world W at slot i // W of shard i % W), for comparing runs of any layout."""
+    from neuclip.train import checkpoint as ckpt
+
+    state = torch.load(ckpt.checkpoint_path(folder, step), weights_only=True)
+    info = state.get("estimator_shards")
+    if info:
+        world, n = int(info["world"]), int(info["data_size"])
+        shards = [ckpt.load_shard(folder, step, r, world)["estimator"] for r in range(world)]
+        for key in info["fills"]:
+            whole = torch.empty(n, dtype=shards[0][key].dtype)
+            for r, shard in enumerate(shards):
+                whole[r::world] = shard[key]
+            state["estimator"][key] = whole
+    return state
+
+
 def tensors_equal(a, b, path: str = "") -> list[str]:
     """Paths at which two nested checkpoint structures differ (tensors compared bit for bit)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
