@@ -152,3 +152,26 @@ def test_a_stage_that_runs_as_one_task_refuses_several():
     cfg = {"run_dir": "/tmp/x", "launcher": parse_launcher("{executor: slurm, gpus_per_node: 2}"), "meta": {}}
     with pytest.raises(ConfigError, match="tasks_per_node: 1"):
         make_executor(cfg, "eval")
+
+
+def test_a_run_of_another_identity_is_moved_aside_only_when_asked(synth_data, tmp_path):
+    """What the train rule does when a changed identity key (a method option) reruns a finished cell."""
+    from neuclip import launch
+    from neuclip.train.config import ConfigError
+
+    root = tmp_path / "runs" / "exp"
+    meta = {"experiment": "exp", "dataset": "synthetic", "method": "fastclip", "variant": "default", "seed": 0}
+    common = {"method.name": "fastclip", "train.max_steps": 2, "meta": meta}
+    pattern = str(synth_data / "train" / "{00000..00002}.tar")
+    run = root / "synthetic" / "fastclip" / "default" / "seed0"
+    assert launch.launch(tiny_config(run, pattern, **common)) == 0
+    changed = tiny_config(run, pattern, **common, **{"method.options": {"gamma": 0.5}})
+    (run / "done.json").unlink()  # what Snakemake does before it reruns the cell
+    with pytest.raises(ConfigError, match="different config"):
+        launch.launch(changed)  # by hand: refused, nothing moved
+    assert launch.launch(changed, supersede=True) == 0
+    moved = list((tmp_path / "runs" / "exp.superseded").glob("*/synthetic/fastclip/default/seed0"))
+    assert len(moved) == 1 and (moved[0] / "model").is_dir()  # the old run, whole
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"]["options"] == {"gamma": 0.5}
+    assert (run / "done.json").exists()
+    assert launch.launch(changed, supersede=True) == 0 and len(list((tmp_path / "runs").iterdir())) == 2  # same id
