@@ -165,3 +165,16 @@ def test_slurm_states(slurm_cluster, runs, tmp_path):
         assert time.monotonic() < deadline, f"still {row.state} {row.notes} after scancel"
         time.sleep(0.5)
     assert row.notes == ["CANCELLED"]
+
+
+def test_a_relative_run_dir_is_the_cell_folder_under_runs_dir(tmp_path, monkeypatch):
+    """The workflow writes run_dir relative to Snakemake's working directory; status run elsewhere finds it."""
+    runs = tmp_path / "work" / "runs" / "exp"
+    key = "synthetic/openclip/default/seed0"
+    (runs / "configs" / "synthetic/openclip/default").mkdir(parents=True)
+    (runs / "configs" / f"{key}.yaml").write_text(yaml.safe_dump({"run_dir": f"runs/exp/{key}"}))
+    (runs / key).mkdir(parents=True)
+    (runs / key / "done.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)  # not the working directory the run_dir is relative to
+    assert st.cells(runs) == {key: runs / key}
+    assert [row.state for row in st.status(runs)] == ["done"]

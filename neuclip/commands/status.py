@@ -70,7 +70,9 @@ def cells(runs_dir: Path) -> dict[str, Path]:
         key = cfg_file.relative_to(configs).with_suffix("").as_posix()
         if CELL.match(key):
             run_dir = _read_yaml(cfg_file).get("run_dir")
-            found[key] = Path(run_dir) if run_dir else runs_dir / key
+            # The workflow writes run_dir relative to Snakemake's working directory, which need not be ours:
+            # a relative one is RUNS_DIR/<cell> (workflow.run_dir's layout).
+            found[key] = Path(run_dir) if run_dir and Path(run_dir).is_absolute() else runs_dir / key
     for marker in ("config.yaml", "job.json", "done.json"):
         for path in runs_dir.glob(f"*/*/*/seed*/{marker}"):
             key = path.parent.relative_to(runs_dir).as_posix()
