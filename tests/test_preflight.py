@@ -26,13 +26,17 @@ def slurm(name: str, **changes) -> dict:
     return config
 
 
-@pytest.mark.parametrize("name", ["paper", "ablations"])
+@pytest.mark.parametrize("name", ["paper", "ablations", "datacomp"])
 def test_shipped_grids_pass_the_preflight_under_slurm(name):
     plans = preflight(slurm(name))
     assert len(plans) == len(wf.runs(slurm(name)))
     worlds = {p.cell.split("/")[0]: p.world for p in plans}
     if name == "paper":  # 2 nodes x 4 GPUs, but CC3M and CC12M on 1 node x 4 (paper.yaml)
         assert worlds == {"cc3m": 4, "cc12m": 4, "dfn14m": 8, "dfn192m": 8, "dfn1b": 8, "laion315m": 8}
+    if name == "datacomp":  # 8 GPUs a node; 1, 1, 4 and 32 nodes; per-sample state sharded over them
+        assert worlds == {"datacomp_small": 8, "datacomp_medium": 8, "datacomp_large": 32, "datacomp_xlarge": 256}
+        xlarge = next(p for p in plans if p.cell == "datacomp_xlarge/isogclr/default/seed0")
+        assert xlarge.state_gib_per_rank == pytest.approx(40 * 12.8e9 / 256 / 2**30, rel=1e-6)
 
 
 def test_snakemake_dry_run_with_the_slurm_profile_passes_the_preflight():
@@ -103,3 +107,10 @@ def test_sharded_state_is_counted_per_rank():
                             common_options={"state_placement": "sharded"}))
     assert "cell paper/dfn1b/isogclr/default/seed0" in message and "(sharded)" in message  # 4 x 6.5 GiB > 20
     assert "dfn1b/fastclip" not in message  # 4 x 1.3 GiB
+
+
+def test_datacomp_xlarge_needs_the_sharded_state():
+    """Replicated, iSogCLR's 512 GB of state per rank at xlarge (12.8e9 ids) fits no node: named, with the fix."""
+    message = failure(slurm("datacomp", datasets=["datacomp_xlarge"], common_options={"state_placement": "replicated"}))
+    assert "cell datacomp/datacomp_xlarge/isogclr/default/seed0" in message and "launcher.mem_gb (480)" in message
+    assert "state_placement: sharded" in message
