@@ -130,7 +130,9 @@ def test_shipped_configs_load(tmp_path):
 def test_resolve_fills_counts_paths_and_site_defaults(synth_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     site = tmp_path / "site.yaml"
-    site.write_text("partition: debug\ngpus_per_node: 2\ntimeout_min: 30\nslurm_additional_parameters: {constraint: x}\n")
+    site.write_text(
+        "partition: debug\ngpus_per_node: 2\ntimeout_min: 30\nslurm_additional_parameters: {constraint: x}\n"
+    )
     shards = str(synth_data / "train" / "{00000..00002}.tar")
     cfg = resolve(
         load_config(
