@@ -18,6 +18,7 @@ import torch
 
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 CPU_CHUNK, GPU_CHUNK = 2048, 8192  # default columns per step (see exact_log_normalizers)
+PAIR_ELEMENTS = 1 << 22  # StreamingExact: (anchor, batch-mate) pairs gathered at a time x d
 
 
 @torch.no_grad()
@@ -187,9 +188,14 @@ class StreamingExact:
         anchor = by_batch[start + offset]
         keep = self.rows[anchor] != rows[col]  # not the positive pair
         anchor, col = anchor[keep], col[keep]
-        pos = self.pos[anchor].double()
+        # pairs in blocks: their rows are gathered, so a block costs block x d (there are about
+        # chunk x anchors x B / n pairs in a chunk, which can exceed the chunk itself when n is small)
+        block = max(1024, PAIR_ELEMENTS // image.shape[1])
         for k, (mine, others) in enumerate(((self.image, text), (self.text, image))):
-            h = ((mine[anchor].double() * others[col].double()).sum(1) - pos) / self.tau
+            h = torch.empty(anchor.numel(), dtype=torch.float64, device=anchor.device)
+            for p0 in range(0, anchor.numel(), block):
+                a, c = anchor[p0 : p0 + block], col[p0 : p0 + block]
+                h[p0 : p0 + block] = ((mine[a].double() * others[c].double()).sum(1) - self.pos[a].double()) / self.tau
             top = torch.full_like(self.mb[k], -math.inf).scatter_reduce(0, anchor, h, "amax")
             total = torch.zeros_like(self.mb[k]).index_add_(0, anchor, torch.exp(h - top[anchor]))
             self.mb[k] = torch.logaddexp(self.mb[k], top + total.log())
