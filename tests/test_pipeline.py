@@ -44,7 +44,7 @@ def scheduled(dry_run_output: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny-local")
-    snakemake(workdir, "-c2", "all")
+    snakemake(workdir, "-c2", "all", timeout=1800)  # minutes on an idle 2-core machine; far more when loaded
     return workdir
 
 
