@@ -18,7 +18,9 @@ Before submitting, `launch` reads the job folder (neuclip/jobs.py), not only the
   rerun-incomplete after it deleted done.json, comes to;
 - with `supersede` (the workflow's train rule), a run folder holding a run of *another* identity (a changed
   method option, seed, step budget, ...) is moved aside, to EXPERIMENT.superseded/STAMP/..., and the cell
-  trains afresh; without it that is an error, as before.
+  trains afresh; without it that is an error, as before;
+- another kind's job whose last job in that folder already did the same work (job.json's `work` key) is not
+  submitted again: its output is restored from that job's result if a rerun removed it (neuclip/stages.py).
 Then it waits (neuclip/waiter.py): through requeues to the job's final state, and no longer than the
 process that started it lives. SLURM jobs are named after their grid cell and stage (`jobs.job_name`).
 
@@ -39,6 +41,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from neuclip import stages
 from neuclip.jobs import final_checkpoint, job_name, live_job, record_attempt, write_job_record
 from neuclip.waiter import wait
 
@@ -54,10 +57,10 @@ class Kind:
 
 KINDS = {
     "train": Kind("neuclip train", "neuclip.train.trainer:train", True),
-    "eval": Kind("neuclip eval", "neuclip.launch:run_eval", False),
-    # on the training cell's allocation; see run_error for which ranks work
-    "error-run": Kind("neuclip error run", "neuclip.launch:run_error", True),
-    "error-sweep": Kind("neuclip error sweep", "neuclip.launch:run_sweep", False),
+    "eval": Kind("neuclip eval", "neuclip.stages:run_eval", False),
+    # on the training cell's allocation; see stages.run_error for which ranks work
+    "error-run": Kind("neuclip error run", "neuclip.stages:run_error", True),
+    "error-sweep": Kind("neuclip error sweep", "neuclip.stages:run_sweep", False),
 }
 
 
@@ -99,58 +102,6 @@ class Job:
 class TrainJob(Job):
     def __init__(self, cfg: dict):
         super().__init__("train", cfg)
-
-
-# -- the work of the kinds other than train (called inside the job) --------------------------------------
-
-
-def run_eval(cfg: dict) -> dict:
-    from neuclip.eval.runner import evaluate_suite
-
-    a = cfg["args"]
-    return evaluate_suite(
-        a["model_dir"],
-        a["suite"],
-        a["data_root"],
-        cfg["run_dir"],
-        batch_size=a["batch_size"],
-        workers=a["workers"],
-        device=a.get("device"),
-        precision=a["precision"],
-        redo=a.get("redo", False),
-        progress=False,
-    )
-
-
-def run_error(cfg: dict) -> dict | None:
-    """The error pass on every rank once neuclip/error_study/run_error.py declares DISTRIBUTED = True (its pass
-    streams each rank's share and all-reduces, issue 14); until then rank 0 alone computes it, the others
-    return at once (so only one process holds the embeddings)."""
-    import os
-
-    from neuclip.error_study import run_error as pass_
-
-    a = cfg["args"]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(pass_, "DISTRIBUTED", False):
-        if int(os.environ.get("RANK", "0")) > 0:
-            return None
-        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # one process: no process group to join
-            os.environ.pop(key, None)
-    return pass_.score_run(a["run"], anchors=a["anchors"], shards=a["shards"], batch=a["batch_size"])
-
-
-def run_sweep(cfg: dict) -> dict:
-    from neuclip.error_study.sweep import load_config, run_sweep
-
-    a = cfg["args"]
-    sweep = load_config(a["config"])
-    if a.get("jobs") is not None:
-        sweep["jobs"] = a["jobs"]
-    frame = run_sweep(sweep, cfg["run_dir"])
-    return {"out": cfg["run_dir"], "rows": len(frame)}
-
-
-# -- executors --------------------------------------------------------------------------------------------
 
 
 def _tasks(la: dict) -> int:
@@ -242,6 +193,7 @@ def _submit_new(cfg: dict, kind: str = "train"):
             run_dir,
             {
                 "kind": kind,
+                "work": stages.work_key(kind, cfg),  # what this job computes: a finished one is reused for it
                 "executor": executor,
                 "job_id": str(job.job_id),
                 "job_name": name,
@@ -356,69 +308,13 @@ def launch(cfg: dict, *, kind: str = "train", detach: bool = False, supersede: b
     if job is not None:
         job = _reattached(job, run_dir, kind)
     else:
-        status = _finish_here(cfg) if kind == "train" else None
+        status = _finish_here(cfg) if kind == "train" else stages.reuse_finished(kind, cfg)
         if status is not None:
             return status
         job = _submit_new(cfg, kind)
     if detach:
         print(job.job_id, flush=True)
         return 0
-    return wait(job, run_dir, label=command)
+    status = wait(job, run_dir, label=command)
+    return stages.restore_output(kind, cfg, job) if status == 0 and kind != "train" else status
 
-
-# -- the stage commands' side: `neuclip eval|error run|error sweep --launcher YAML` -------------------------
-
-
-def add_arguments(parser) -> None:
-    """--launcher and --detach for a stage command."""
-    parser.add_argument(
-        "--launcher",
-        metavar="YAML",
-        default=None,
-        help="run as a job with this launcher section (the train config's launcher keys: executor, site, nodes, "
-        "gpus_per_node, timeout_min, ...), as a YAML mapping or a file holding one, e.g. "
-        "'{executor: slurm, site: slurm/site.yaml, gpus_per_node: 1}'; default: in this process",
-    )
-    parser.add_argument(
-        "--detach", action="store_true", help="with --launcher: submit and return without waiting (prints the job id)"
-    )
-
-
-def parse_launcher(text: str) -> dict:
-    """A --launcher value (YAML mapping, or a YAML file) as a complete, validated launcher section."""
-    from neuclip.train.config import ConfigError, launcher_section, yaml_load
-
-    path = Path(text)
-    source = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
-    given = yaml_load(source)
-    if not isinstance(given, dict):
-        raise ConfigError(f"--launcher must be a YAML mapping (or a file holding one), got {text!r}")
-    return launcher_section(given)
-
-
-def run_meta(run_dir: Path) -> dict:
-    """The labels of a train run (its config.yaml's meta), for naming its stage jobs after its cell."""
-    from neuclip.train.config import yaml_load
-
-    try:
-        return dict(yaml_load((Path(run_dir) / "config.yaml").read_text()).get("meta") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def launch_stage(kind: str, job_dir, args: dict, launcher: str, *, meta: dict, detach: bool = False) -> int:
-    """Run a stage command's work (`args`) as a `kind` job in `job_dir` with the --launcher value given."""
-    from neuclip.train.config import ConfigError
-
-    try:
-        la = parse_launcher(launcher)
-    except (ConfigError, OSError) as err:
-        print(f"{KINDS[kind].command}: launcher error: {err}", file=sys.stderr)
-        return 2
-    cfg = {"run_dir": str(Path(job_dir).resolve()), "launcher": la, "meta": meta, "args": args}
-    Path(cfg["run_dir"]).mkdir(parents=True, exist_ok=True)
-    try:
-        return launch(cfg, kind=kind, detach=detach)
-    except ConfigError as err:
-        print(f"{KINDS[kind].command}: error: {err}", file=sys.stderr)
-        return 2

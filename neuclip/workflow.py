@@ -201,6 +201,11 @@ def _site_path(config: dict) -> str | None:
     return str(site)
 
 
+def sweep_config(config: dict) -> dict:
+    """The error sweep's config file content: the config's error_study section but its `jobs` (a setting)."""
+    return {k: v for k, v in (config.get("error_study") or {}).items() if k != "jobs"}
+
+
 def sweep_jobs(config: dict) -> int:
     return int((config.get("error_study") or {}).get("jobs") or 2)
 
@@ -238,6 +243,11 @@ class Untracked:
 
     def __repr__(self) -> str:
         return f"Untracked({self.text!r})"
+
+
+def yaml_text(value) -> Untracked:
+    """A config file's text for a rule that writes it (untracked: the rule's own params say what is tracked)."""
+    return Untracked(yaml.safe_dump(value, sort_keys=False))
 
 
 def _flow(value) -> str:

@@ -65,6 +65,32 @@ def test_eval_job_equals_in_process_and_names_its_cell(trained, synth_data, tmp_
     assert record["job_name"] == job_name({"meta": {**meta, "stage": "eval", "suite": "tiny"}, "run_dir": str(out)})
     assert record["job_name"].endswith(".synthetic.fastclip.s0.eval-tiny")
 
+    # A driver that died after the job wrote summary.json: Snakemake's rerun deletes it, the re-attached job
+    # does not write it again; the launcher restores it from the job's result.
+    import submitit
+
+    from neuclip.stages import restore_output
+
+    written = (out / "summary.json").read_text()
+    (out / "summary.json").unlink()
+    job = submitit.LocalJob(folder=Path(record["folder"]), job_id=record["job_id"])
+    assert restore_output("eval", {"run_dir": str(out)}, job) == 0
+    assert (out / "summary.json").read_text() == written
+
+    # The same work asked again (a rerun after the driver died while the job finished): no second job, the
+    # output restored from the finished job's result; a changed run setting (batch size) is the same work.
+    (out / "summary.json").unlink()
+    again = ["eval", "--model-dir", str(trained / "model"), "--suite", "tiny", "--data-root", str(synth_data),
+             "--out", str(out), "--workers", "0", "--launcher", LOCAL]
+    r = _cli(*again, "--batch-size", "8")
+    assert r.returncode == 0 and "already did this work" in r.stderr and "submitted" not in r.stderr, r.stderr
+    assert (out / "summary.json").read_text() == written
+    assert json.loads((out / "job.json").read_text())["job_id"] == record["job_id"]
+    # other work (another precision) is a new job
+    r = _cli(*again, "--batch-size", "16", "--precision", "fp32")
+    assert r.returncode == 0 and "submitted local job" in r.stderr, r.stderr[-3000:]
+    assert json.loads((out / "job.json").read_text())["job_id"] != record["job_id"]
+
 
 def test_error_run_job_writes_the_in_process_row(trained, tmp_path):
     from neuclip.error_study.run_error import score_run
@@ -81,13 +107,13 @@ def test_error_run_job_writes_the_in_process_row(trained, tmp_path):
 def test_an_eval_job_requeued_mid_suite_keeps_its_finished_tasks(trained, synth_data, tmp_path):
     """USR2 (what a time limit sends) once the first task file exists: submitit requeues, the next attempt
     skips that task (its file is not rewritten) and finishes the others."""
-    from neuclip import launch
+    from neuclip import launch, stages
     from neuclip.eval.suites import suite_tasks
 
     out = tmp_path / "requeued"
     work = {"model_dir": str(trained / "model"), "suite": "tiny", "data_root": str(synth_data), "batch_size": 1,
             "workers": 0, "device": None, "precision": "datacomp"}
-    la = launch.parse_launcher("{executor: local, timeout_min: 5, max_num_timeout: 3}")
+    la = stages.parse_launcher("{executor: local, timeout_min: 5, max_num_timeout: 3}")
     cfg = {"run_dir": str(out), "launcher": la, "meta": {}, "args": work}
     out.mkdir()
     job = launch.submit(cfg, kind="eval")
@@ -133,7 +159,7 @@ def test_stage_launchers_follow_one_precedence_and_one_spelling():
     assert wf.stage_launcher(config, "error_run", "cc3m")["gpus_per_node"] == 4  # the cell's allocation
     assert all(la["executor"] == "slurm" and la["site"].endswith("slurm/site.yaml") for la in (train, ev, sweep))
     # the launcher completes a stage's section with the site's defaults (lowest): partition from the site
-    from neuclip.launch import parse_launcher
+    from neuclip.stages import parse_launcher
 
     assert parse_launcher(wf._flow(ev))["partition"] == "debug"
     for bad, new in (({"time_min": 5}, "timeout_min"), ({"additional_parameters": {}}, "slurm_additional_parameters")):
@@ -146,7 +172,8 @@ def test_stage_launchers_follow_one_precedence_and_one_spelling():
 
 
 def test_a_stage_that_runs_as_one_task_refuses_several():
-    from neuclip.launch import make_executor, parse_launcher
+    from neuclip.launch import make_executor
+    from neuclip.stages import parse_launcher
     from neuclip.train.config import ConfigError
 
     cfg = {"run_dir": "/tmp/x", "launcher": parse_launcher("{executor: slurm, gpus_per_node: 2}"), "meta": {}}

@@ -1,7 +1,8 @@
 # The normaliser-error study: a shadow-estimator sweep over n and B (see neuclip/error_study/sweep.py).
 
+from neuclip.error_study import SWEEP_FILES as ERROR_FILES
+
 ERROR_DIR = f"{EXP_RUNS}/error_study"
-ERROR_FILES = ["errors.csv", "fits.csv", "stress.csv", "stress.md", "error_vs_ratio.png", "error_over_steps.png"]
 
 
 def error_study_outputs():
@@ -13,14 +14,11 @@ rule error_sweep_config:
     output:
         f"{ERROR_DIR}/sweep.yaml",
     params:
-        sweep={k: v for k, v in (config.get("error_study") or {}).items() if k != "jobs"},
+        sweep=wf.sweep_config(config),
+        text=lambda w: wf.yaml_text(wf.sweep_config(config)),
     localrule: True
-    run:
-        import yaml
-
-        from neuclip.atomic import write_atomic
-
-        write_atomic(output[0], yaml.safe_dump(params.sweep, sort_keys=False))
+    shell:  # like train_config: a shell rule, the file written whole then renamed
+        "mkdir -p {ERROR_DIR:q} && printf '%s' {params.text:q} > {output:q}.tmp && mv {output:q}.tmp {output:q}"
 
 
 # A job of the launcher (stage `error_sweep`: CPU only, cpus_per_task = its processes).

@@ -20,18 +20,17 @@ def run_of(w):
 RUN = "{dataset}/{method}/{variant}/seed{seed}"
 
 
+# A shell rule, not `run:` (Snakemake 9 runs each `run:` job in a new process that parses the whole workflow
+# again, preflight included: ~45 s a cell here). The file is written whole, then renamed into place.
 rule train_config:
     output:
         f"{EXP_RUNS}/configs/{RUN}.yaml",
     params:
         identity=lambda w: wf.identity(config, run_of(w)),
+        text=lambda w: wf.yaml_text(wf.train_config(config, run_of(w))),
     localrule: True
-    run:
-        import yaml
-
-        from neuclip.atomic import write_atomic
-
-        write_atomic(output[0], yaml.safe_dump(wf.train_config(config, run_of(wildcards)), sort_keys=False))
+    shell:
+        "printf '%s' {params.text:q} > {output:q}.tmp && mv {output:q}.tmp {output:q}"
 
 
 rule train:

@@ -1,0 +1,239 @@
+"""The job kinds besides training (eval, error-run, error-sweep): their work inside the job, their outputs, and
+the stage commands' side of the launcher (`neuclip eval|error run|error sweep --launcher YAML`).
+
+Outputs and reruns. Each kind ends by writing one small file that Snakemake tracks (train done.json, eval
+summary.json, error-run error.json; the sweep its tables, all rebuilt from its errors.json), and its job
+returns that file's content. When the driver dies, a job may finish, or write its output and go on a moment,
+while nobody waits: the rerun then deletes that output as incomplete. So the launcher
+- restores the output from the job's result when a re-attached job ends without it (`restore_output`);
+- reuses a job that already finished *the same work* (the job folder's job.json holds the work's key: its
+  arguments but the run settings, and its inputs' stamps: the model files, the checkpoints, the sweep config)
+  instead of submitting a second one (`reuse_finished`). Training has its own rule: a run whose newest
+  checkpoint is its final step is exported in-process (neuclip/launch.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+# Arguments that do not change a stage's result (run settings, like the train config's x-setting keys).
+SETTING_ARGS = {"eval": {"batch_size", "workers"}, "error-run": {"batch_size"}, "error-sweep": {"jobs"}}
+# The file each kind's work ends by writing (and its JSON indent), which is also what its job returns.
+OUTPUT_FILE = {"train": ("done.json", 2), "eval": ("summary.json", 1), "error-run": ("error.json", 2)}
+
+
+# -- the work (called inside the job) --------------------------------------------------------------------
+
+
+def run_eval(cfg: dict) -> dict:
+    from neuclip.eval.runner import evaluate_suite
+
+    a = cfg["args"]
+    return evaluate_suite(
+        a["model_dir"],
+        a["suite"],
+        a["data_root"],
+        cfg["run_dir"],
+        batch_size=a["batch_size"],
+        workers=a["workers"],
+        device=a.get("device"),
+        precision=a["precision"],
+        redo=a.get("redo", False),
+        progress=False,
+    )
+
+
+def run_error(cfg: dict) -> dict | None:
+    """The error pass on every rank when neuclip/error_study/run_error.py declares DISTRIBUTED = True (each rank
+    streams its share, the partials are all-reduced); otherwise rank 0 alone, the others return at once."""
+    from neuclip.error_study import run_error as pass_
+
+    a = cfg["args"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(pass_, "DISTRIBUTED", False):
+        if int(os.environ.get("RANK", "0")) > 0:
+            return None
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # one process: no process group to join
+            os.environ.pop(key, None)
+    return pass_.score_run(a["run"], anchors=a["anchors"], shards=a["shards"], batch=a["batch_size"])
+
+
+def run_sweep(cfg: dict) -> dict:
+    from neuclip.error_study.sweep import load_config, run_sweep
+
+    a = cfg["args"]
+    sweep = load_config(a["config"])
+    if a.get("jobs") is not None:
+        sweep["jobs"] = a["jobs"]
+    frame = run_sweep(sweep, cfg["run_dir"])
+    return {"out": cfg["run_dir"], "rows": len(frame)}
+
+
+# -- outputs and reruns ----------------------------------------------------------------------------------
+
+
+def _stamps(paths) -> list:
+    out = []
+    for p in sorted(paths):
+        st = p.stat()
+        out.append([p.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def work_key(kind: str, cfg: dict) -> str | None:
+    """sha256 of what defines this job's result: its arguments but the run settings, and its inputs' stamps
+    (name, size, mtime). None for training (it has its own rule) and for a job that must not be reused."""
+    a = cfg.get("args")
+    if kind not in SETTING_ARGS or a is None or a.get("redo"):
+        return None
+    try:
+        if kind == "eval":
+            inputs = _stamps(p for p in Path(a["model_dir"]).iterdir() if p.is_file())
+        elif kind == "error-run":
+            inputs = _stamps(p for p in (Path(a["run"]) / "checkpoints").iterdir() if p.is_file())
+        else:
+            inputs = hashlib.sha256(Path(a["config"]).read_bytes()).hexdigest()
+    except OSError:
+        return None
+    work = {k: v for k, v in a.items() if k not in SETTING_ARGS[kind]}
+    text = json.dumps({"kind": kind, "args": work, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _result(folder: str | Path, job_id: str):
+    """(outcome, value) of task 0's result file, or (None, None) while there is none."""
+    from submitit.core.utils import JobPaths, pickle_load
+
+    try:
+        return pickle_load(JobPaths(Path(folder), job_id=str(job_id), task_id=0).result_pickle)
+    except (OSError, EOFError, ValueError):
+        return None, None
+
+
+def _write_output(kind: str, cfg: dict, value) -> Path | None:
+    """Write the kind's output from a successful job's result; returns the path written, None if not needed."""
+    from neuclip.atomic import write_json
+
+    out = Path(cfg["run_dir"])
+    if kind == "error-sweep":
+        from neuclip.error_study import SWEEP_FILES
+
+        if all((out / f).exists() for f in SWEEP_FILES):
+            return None
+        import pandas as pd
+
+        from neuclip.error_study.sweep import sort_frame, write_outputs
+
+        saved = json.loads((out / "errors.json").read_text())
+        order = list(dict.fromkeys(row["budget"] for row in saved["rows"]))
+        write_outputs(sort_frame(pd.DataFrame(saved["rows"]), order), saved["config"], out)
+        return out / "errors.csv"
+    name, indent = OUTPUT_FILE[kind]
+    if (out / name).exists():
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"the job's result cannot restore {out / name}")
+    write_json(out / name, value, indent=indent)
+    return out / name
+
+
+def restore_output(kind: str, cfg: dict, job) -> int:
+    """After a successful job: rewrite its output from its result if it is missing (see the module doc)."""
+    from neuclip.launch import KINDS
+
+    outcome, value = _result(job.paths.folder, job.job_id)
+    try:
+        written = _write_output(kind, cfg, value) if outcome == "success" else None
+    except (OSError, ValueError, KeyError) as err:
+        print(f"{KINDS[kind].command}: the job succeeded but its output is missing: {err}", file=sys.stderr)
+        return 1
+    if written is not None:
+        print(f"{KINDS[kind].command}: {written} was removed after the job wrote it (a rerun after the driver died); "
+              "restored from the job's result", file=sys.stderr, flush=True)
+    return 0
+
+
+def reuse_finished(kind: str, cfg: dict) -> int | None:
+    """0 if the job folder's last job finished this very work successfully (its outputs restored if a rerun
+    removed them), else None: then a job is needed."""
+    from neuclip.jobs import job_record
+    from neuclip.launch import KINDS
+
+    key, record = work_key(kind, cfg), job_record(Path(cfg["run_dir"]))
+    if key is None or not record or record.get("kind") != kind or record.get("work") != key:
+        return None
+    outcome, value = _result(record["folder"], record["job_id"])
+    if outcome != "success":
+        return None
+    try:
+        written = _write_output(kind, cfg, value)
+    except (OSError, ValueError, KeyError):
+        return None
+    what = f"restored {written} from its result" if written else "its outputs are in place"
+    print(f"{KINDS[kind].command}: job {record['job_id']} already did this work; {what}, no new job",
+          file=sys.stderr, flush=True)
+    if outcome == "success" and isinstance(value, dict) and kind != "error-sweep":
+        print(json.dumps(value), flush=True)
+    return 0
+
+
+# -- the stage commands' side: `neuclip eval|error run|error sweep --launcher YAML` -------------------------
+
+
+def add_arguments(parser) -> None:
+    """--launcher and --detach for a stage command."""
+    parser.add_argument(
+        "--launcher",
+        metavar="YAML",
+        default=None,
+        help="run as a job with this launcher section (the train config's launcher keys: executor, site, nodes, "
+        "gpus_per_node, timeout_min, ...), as a YAML mapping or a file holding one, e.g. "
+        "'{executor: slurm, site: slurm/site.yaml, gpus_per_node: 1}'; default: in this process",
+    )
+    parser.add_argument(
+        "--detach", action="store_true", help="with --launcher: submit and return without waiting (prints the job id)"
+    )
+
+
+def parse_launcher(text: str) -> dict:
+    """A --launcher value (YAML mapping, or a YAML file) as a complete, validated launcher section."""
+    from neuclip.train.config import ConfigError, launcher_section, yaml_load
+
+    path = Path(text)
+    source = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
+    given = yaml_load(source)
+    if not isinstance(given, dict):
+        raise ConfigError(f"--launcher must be a YAML mapping (or a file holding one), got {text!r}")
+    return launcher_section(given)
+
+
+def run_meta(run_dir: Path) -> dict:
+    """The labels of a train run (its config.yaml's meta), for naming its stage jobs after its cell."""
+    from neuclip.train.config import yaml_load
+
+    try:
+        return dict(yaml_load((Path(run_dir) / "config.yaml").read_text()).get("meta") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def launch_stage(kind: str, job_dir, args: dict, launcher: str, *, meta: dict, detach: bool = False) -> int:
+    """Run a stage command's work (`args`) as a `kind` job in `job_dir` with the --launcher value given."""
+    from neuclip.launch import KINDS, launch
+    from neuclip.train.config import ConfigError
+
+    try:
+        la = parse_launcher(launcher)
+    except (ConfigError, OSError) as err:
+        print(f"{KINDS[kind].command}: launcher error: {err}", file=sys.stderr)
+        return 2
+    cfg = {"run_dir": str(Path(job_dir).resolve()), "launcher": la, "meta": meta, "args": args}
+    Path(cfg["run_dir"]).mkdir(parents=True, exist_ok=True)
+    try:
+        return launch(cfg, kind=kind, detach=detach)
+    except ConfigError as err:
+        print(f"{KINDS[kind].command}: error: {err}", file=sys.stderr)
+        return 2
