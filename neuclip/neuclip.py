@@ -80,9 +80,10 @@ class NeuCLIP(LearnableTemperature, InnerOptimizer, Estimator):
         "objective": choice("unified", CHOICES["objective"], "NPN objective (ablation: separate)"),
         "npn": choice("prototype", CHOICES["npn"], "NPN form (ablation: mlp)"),
         "updates": choice("alternating", CHOICES["updates"], "block updates (ablation: simultaneous)"),
-        "npn_block": choice("replicated", CHOICES["npn_block"],
-                            "NPN steps on the whole gathered batch on every rank, or on local anchors with the W "
-                            "gradients all-reduced (docs/benchmarks.md for the default)"),
+        "npn_block": choice("sharded", CHOICES["npn_block"],
+                            "NPN steps on each rank's local anchors with the W gradients all-reduced, or on the "
+                            "whole gathered batch on every rank (docs/benchmarks.md, NPN block: the default's "
+                            "numbers)"),
         "npn_matmul": choice("fp32", CHOICES["npn_matmul"],
                              "inputs of the NPN's anchors x prototypes matmul (float32 sums and state)"),
         "seed": integer(0, "seed of the NPN initialisation and restart draws", minimum=0, shared=True),

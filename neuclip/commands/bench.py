@@ -10,6 +10,9 @@ TARGETS = {
     "trainer": "our trainer's samples/s vs open_clip_train on the same tiny model; NeuCLIP vs OpenCLIP step",
     "exact": "the exact-normaliser pass: throughput vs matmul rate, peak memory against n",
     "loader": "training loader samples/s per core vs open_clip's webdataset pipeline; resume cost by position",
+    "state": "per-sample state at large data_size: memory and checkpoint per rank, 1 vs N ranks, resume",
+    "streaming": "the distributed streaming error pass: 1, 2, 3 ranks against one process, memory as n grows",
+    "npn": "NeuCLIP's NPN block replicated vs sharded: FLOP account at paper shapes, time per rank, tf32/bf16",
 }
 
 
