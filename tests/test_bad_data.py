@@ -43,14 +43,15 @@ def _member(name, change):
     return lambda n, d: (n, change(d)) if n == name else (n, d)
 
 
-# case -> (shard, member-level edit, the key named, id that must leave the epoch or None)
+# case -> (shard, member-level edit, the key named, id that must leave the epoch or None). synth_data's keys are
+# img2dataset's for 16-sample shards: shard * 100 + row in 7 digits (0000104: shard 1, row 4; its id is 104).
 CASES = {
-    "duplicate-id": ("00002.tar", _member("000000040.json", _json_key("000000005")), "000000040", None),
-    "blank-caption": ("00001.tar", _member("000000020.txt", lambda d: b" \t\n "), "000000020", 20),
-    "json-without-key": ("00000.tar", _member("000000007.json", _json_key(None)), "000000007", None),
-    "non-integer-key": ("00000.tar", _member("000000007.json", _json_key("7a")), "000000007", None),
-    "missing-image": ("00001.tar", lambda n, d: None if n == "000000021.jpg" else (n, d), "000000021", 21),
-    "undecodable-image": ("00002.tar", _member("000000034.jpg", lambda d: b"not a jpeg" * 8), "000000034", 34),
+    "duplicate-id": ("00002.tar", _member("0000208.json", _json_key("0000005")), "0000208", None),
+    "blank-caption": ("00001.tar", _member("0000104.txt", lambda d: b" \t\n "), "0000104", 104),
+    "json-without-key": ("00000.tar", _member("0000007.json", _json_key(None)), "0000007", None),
+    "non-integer-key": ("00000.tar", _member("0000007.json", _json_key("7a")), "0000007", None),
+    "missing-image": ("00001.tar", lambda n, d: None if n == "0000105.jpg" else (n, d), "0000105", 105),
+    "undecodable-image": ("00002.tar", _member("0000202.jpg", lambda d: b"not a jpeg" * 8), "0000202", 202),
     "truncated-shard": ("00001.tar", None, None, None),
 }
 

@@ -15,7 +15,8 @@ from neuclip.data.check import check_shards, format_report
 
 @pytest.fixture
 def train(tmp_path, synth_data):
-    """A private copy of the synthetic train shards (3 shards x 16 samples), safe to damage."""
+    """A private copy of the synthetic train shards (3 shards x 16 samples), safe to damage. Keys are
+    img2dataset's for 16-sample shards: shard * 100 + row in 7 digits (0000104: shard 1, row 4)."""
     return shutil.copytree(synth_data / "train", tmp_path / "train")
 
 
@@ -90,27 +91,27 @@ def test_not_a_tar_and_missing_file(train):
     ids=["bad-header", "truncated-jpeg"],
 )
 def test_undecodable_image(train, edit, expected):
-    _rewrite(train / "00000.tar", lambda n, d: (n, edit(d) if n == "000000003.jpg" else d))
+    _rewrite(train / "00000.tar", lambda n, d: (n, edit(d) if n == "0000003.jpg" else d))
     report, text = _check(train)
     assert not report.ok
     (problem,) = report.problems
-    assert (problem.shard, problem.key) == (str(train / "00000.tar"), "000000003")
+    assert (problem.shard, problem.key) == (str(train / "00000.tar"), "0000003")
     assert expected in problem.reason
-    assert "00000.tar: sample 000000003: image .jpg does not decode" in text and "--skip-bad" in text
+    assert "00000.tar: sample 0000003: image .jpg does not decode" in text and "--skip-bad" in text
 
 
 def test_empty_and_missing_caption(train):
     def edit(name, data):
-        if name == "000000020.txt":
+        if name == "0000104.txt":
             return name, b"  \n"
-        if name == "000000021.txt":
+        if name == "0000105.txt":
             return None
         return name, data
 
     _rewrite(train / "00001.tar", edit)
     report, _ = _check(train)
     found = {(p.key, p.reason.split(" (")[0]) for p in report.problems}
-    assert found == {("000000020", "empty caption"), ("000000021", "no caption")}
+    assert found == {("0000104", "empty caption"), ("0000105", "no caption")}
 
 
 def _set_json_key(train, shard, key, value):
@@ -132,11 +133,11 @@ def _set_json_key(train, shard, key, value):
 
 
 def test_duplicate_id_names_both_shards(train):
-    _set_json_key(train, "00002.tar", "000000040", "000000005")  # id 5 again, under another member name
+    _set_json_key(train, "00002.tar", "0000208", "0000005")  # id 5 again, under another member name
     report, _ = _check(train)
     (problem,) = report.problems
-    assert problem.shard == str(train / "00002.tar") and problem.key == "000000040"
-    assert problem.reason == f"duplicate id 5: also in {train / '00000.tar'} (key 000000005)"
+    assert problem.shard == str(train / "00002.tar") and problem.key == "0000208"
+    assert problem.reason == f"duplicate id 5: also in {train / '00000.tar'} (key 0000005)"
 
 
 @pytest.mark.parametrize(
@@ -151,19 +152,19 @@ def test_duplicate_id_names_both_shards(train):
     ids=["string", "float", "negative", "no-key", "not-json"],
 )
 def test_unusable_id(train, value, expected):
-    _set_json_key(train, "00000.tar", "000000007", value)
+    _set_json_key(train, "00000.tar", "0000007", value)
     (problem,) = check_shards(str(train)).problems
-    assert problem.key == "000000007" and problem.reason.startswith(expected), problem.reason
+    assert problem.key == "0000007" and problem.reason.startswith(expected), problem.reason
 
 
 def test_member_names_are_not_ids(train):
     """The id is the .json key: a member name that is not digits is fine (webdataset keys are any string)."""
-    _rewrite(train / "00000.tar", lambda n, d: (n.replace("000000007", "cat_7"), d))
+    _rewrite(train / "00000.tar", lambda n, d: (n.replace("0000007", "cat_7"), d))
     assert check_shards(str(train)).ok
 
 
 def test_count_mismatch_with_sizes_and_stats(train):
-    _rewrite(train / "00000.tar", lambda n, d: None if n.startswith("000000000.") else (n, d))
+    _rewrite(train / "00000.tar", lambda n, d: None if n.startswith("0000000.") else (n, d))
     report, text = _check(train)
     reasons = [p.reason for p in report.problems]
     assert all(p.fatal and p.shard == str(train / "00000.tar") for p in report.problems)
@@ -178,16 +179,16 @@ def test_count_mismatch_with_sizes_and_stats(train):
 
 
 def test_skip_bad_lists_and_passes(train, capsys):
-    _rewrite(train / "00000.tar", lambda n, d: (n, b"" if n == "000000001.txt" else d))
-    _rewrite(train / "00001.tar", lambda n, d: (n, b"junk" if n == "000000017.jpg" else d))
+    _rewrite(train / "00000.tar", lambda n, d: (n, b"" if n == "0000001.txt" else d))
+    _rewrite(train / "00001.tar", lambda n, d: (n, b"junk" if n == "0000101.jpg" else d))
     report, text = _check(train, skip_bad=True)
     assert report.ok and len(report.problems) == 2
-    assert "skipping: " + str(train / "00000.tar") + ": sample 000000001: empty caption" in text
+    assert "skipping: " + str(train / "00000.tar") + ": sample 0000001: empty caption" in text
     assert sum(s.bad for s in report.shards) == 2
 
     assert main(["data", "check", str(train)]) == 1
     assert main(["data", "check", str(train), "--skip-bad"]) == 0
-    assert "sample 000000017: image .jpg does not decode" in capsys.readouterr().out
+    assert "sample 0000101: image .jpg does not decode" in capsys.readouterr().out
 
 
 def test_cli_synth_then_check(tmp_path, capsys):

@@ -20,6 +20,7 @@ import yaml
 
 from neuclip.cli import main as cli
 from neuclip.data import download as dl
+from neuclip.data import keys
 
 pytestmark = pytest.mark.slow
 
@@ -161,14 +162,14 @@ def test_failures_counted_as_served(tsv_download):
     assert "| 00001.tar | 8 |" in report and "failure reason" in report
 
     # What img2dataset wrote, row by row: failed rows are absent from the tars, keys follow its scheme.
-    keys = {}
+    found = {}
     for s in stats:
         for name in _members(out / s.name):
-            keys.setdefault(name.split(".")[0], set()).add(name.split(".", 1)[1])
-    assert all(exts == {"jpg", "txt", "json"} for exts in keys.values())
-    expected = {dl.img2dataset_key(r // PER_SHARD, r % PER_SHARD, PER_SHARD, 5) for r, row in enumerate(rows)
+            found.setdefault(name.split(".")[0], set()).add(name.split(".", 1)[1])
+    assert all(exts == {"jpg", "txt", "json"} for exts in found.values())
+    expected = {keys.img2dataset_key(r // PER_SHARD, r % PER_SHARD, PER_SHARD, 5) for r, row in enumerate(rows)
                 if "/img/" in row["url"]}  # fmt: skip
-    assert set(keys) == expected and max(int(k) for k in keys) < info["data_size"]
+    assert set(found) == expected and max(int(k) for k in found) < info["data_size"]
 
 
 def test_check_passes_and_loader_reads_the_shards(tsv_download):
@@ -188,21 +189,27 @@ def test_train_and_error_run_on_img2dataset_shards(tsv_download, tmp_path):
 
     info = yaml.safe_load((tsv_download["out"] / "dataset.yaml").read_text())
     run = tmp_path / "run"
-    extra = {"method.name": "fastclip", "train.max_steps": 3, "train.global_batch_size": 8,
-             "data.data_size": info["data_size"], "data.train_num_samples": info["num_samples"]}  # fmt: skip
-    train(tiny_config(run, info["shards"], **extra))
+    extra = {"method.name": "fastclip", "train.max_steps": 3, "train.global_batch_size": 8}
+    cfg = tiny_config(run, info["shards"], **extra)
+    # the defaults come from beside the shards: num_samples from sizes.json, data_size from dataset.yaml
+    assert (cfg["data"]["train_num_samples"], cfg["data"]["data_size"]) == (info["num_samples"], info["data_size"])
+    train(cfg)
     assert (run / "done.json").exists()
     assert cli(["error", "run", str(run), "--anchors", "8"]) == 0
     row = json.loads((run / "error" / "error.json").read_text())
     assert row["n"] == GOOD and row["step"] == 3
 
 
-def test_same_layout_as_the_synthetic_generator(tsv_download):
-    """Members per sample, .json fields and sidecars of a synthetic shard and of img2dataset's shard of the
-    same images. The one difference, the key numbering, is checked here too (synth.py's docstring)."""
-    from neuclip.data.synth import ATTRIBUTES
+def test_same_layout_as_the_synthetic_generator(tsv_download, tmp_path):
+    """Member names, .json keys and fields, sidecars and dataset.yaml's data_size of synthetic shards and of
+    img2dataset's shards of the same number of rows and shard size: the same, but for img2dataset's failed rows,
+    which are absent from its tars (their keys stay unused)."""
+    from neuclip.data.synth import ATTRIBUTES, synthesize
 
-    out, synth = tsv_download["out"], tsv_download["synth"] / "train"
+    out, rows = tsv_download["out"], tsv_download["rows"]
+    synth = tmp_path / "synth"
+    synthesize(synth, num_train=len(rows), num_eval=2, seed=0, shard_size=PER_SHARD)
+    synth = synth / "train"
 
     def layout(folder: Path, shard: str):
         names = _members(folder / f"{shard}.tar")
@@ -212,24 +219,33 @@ def test_same_layout_as_the_synthetic_generator(tsv_download):
             meta = [json.load(tf.extractfile(m)) for m in tf.getmembers() if m.name.endswith(".json")]
         sidecars = sorted(p.name.replace(shard, "N") for p in folder.glob(f"{shard}*") if p.suffix != ".tar")
         stats = json.loads((folder / f"{shard}_stats.json").read_text())
-        return exts, meta, sidecars, set(stats), stats["successes"], len(names) // 3
+        return names, exts, meta, sidecars, set(stats), stats["successes"], len(names) // 3
 
-    s_exts, s_meta, s_side, s_stats, s_ok, s_n = layout(synth, "00000")
-    i_exts, i_meta, i_side, i_stats, i_ok, i_n = layout(out, "00000")
-    assert s_exts == i_exts == {("jpg", "json", "txt")}
-    assert {tuple(m) for m in s_meta} == {tuple(ATTRIBUTES) + tuple(next(iter(i_meta)))}  # img2dataset's order
-    assert s_side == i_side == ["N.parquet", "N_stats.json"] and s_stats == i_stats
-    assert (s_ok, i_ok) == (s_n, i_n)  # stats count what the tar holds
-    for m in i_meta:
-        assert m["status"] == "success" and m["error_message"] is None and m["key"].isdigit()
+    for shard in ("00000", "00001", "00002"):
+        s_names, s_exts, s_meta, s_side, s_stats, s_ok, s_n = layout(synth, shard)
+        i_names, i_exts, i_meta, i_side, i_stats, i_ok, i_n = layout(out, shard)
+        assert s_exts == i_exts == {("jpg", "json", "txt")}
+        assert {tuple(m) for m in s_meta} == {tuple(ATTRIBUTES) + tuple(next(iter(i_meta)))}  # img2dataset's order
+        assert s_side == i_side == ["N.parquet", "N_stats.json"] and s_stats == i_stats
+        assert (s_ok, i_ok) == (s_n, i_n)  # stats count what the tar holds
+        for m in s_meta + i_meta:
+            assert m["status"] == "success" and m["error_message"] is None and m["key"].isdigit()
+        # the keys: row r of shard k is img2dataset's key in both; img2dataset's failed rows are missing
+        k = int(shard)
+        failed = {keys.img2dataset_key(k, r, PER_SHARD) for r in range(PER_SHARD)
+                  if "/img/" not in rows[k * PER_SHARD + r]["url"]}  # fmt: skip
+        assert [m["key"] for m in s_meta] == [keys.img2dataset_key(k, r, PER_SHARD) for r in range(PER_SHARD)]
+        assert sorted(m["key"] for m in i_meta) == sorted(set(m["key"] for m in s_meta) - failed)
+        assert sorted(i_names) == sorted(n for n in s_names if n.split(".")[0] not in failed)
     # parquet sidecars: the same columns (img2dataset's, after the synthetic scene columns)
     import pyarrow.parquet as pq
 
     s_cols, i_cols = pq.read_schema(synth / "00000.parquet").names, pq.read_schema(out / "00000.parquet").names
     assert s_cols == list(ATTRIBUTES) + i_cols
-    # the numbering: the generator counts samples, img2dataset counts shard * 10^k + row
-    assert [m["key"] for m in s_meta][:2] == ["000000000", "000000001"]
-    assert sorted(m["key"] for m in i_meta)[:2] == ["000000", "000001"]
+    # dataset.yaml: the same data_size (max key + 1) and key scheme
+    s_info, i_info = (yaml.safe_load((d / "dataset.yaml").read_text()) for d in (synth, out))
+    assert s_info["data_size"] == i_info["data_size"] == 28 and s_info["key_scheme"] == i_info["key_scheme"]
+    assert s_info["num_samples"] == len(rows) and i_info["num_samples"] == GOOD
 
 
 def test_rerun_resumes_instead_of_redoing(tsv_download, tmp_path):
@@ -310,7 +326,7 @@ def test_offline_errors_are_clear(tmp_path, monkeypatch):
 
 
 def test_key_scheme_matches_img2dataset_defaults():
-    assert dl.img2dataset_key(0, 0, 10000, 5) == "000000000"
-    assert dl.img2dataset_key(331, 8332, 10000, 5) == "003318332"  # CC3M's last row -> data_size 3,318,333
-    assert dl.img2dataset_key(3, 7, 1024, 5) == "000030007"
+    assert keys.img2dataset_key(0, 0, 10000, 5) == "000000000"
+    assert keys.img2dataset_key(331, 8332, 10000, 5) == "003318332"  # CC3M's last row -> data_size 3,318,333
+    assert keys.img2dataset_key(3, 7, 1024, 5) == "000030007"
     assert dl.key_space([dl.ShardStats(331, "00331.tar", 8333, 8000, 333, 0)], 10000) == 3318333

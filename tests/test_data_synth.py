@@ -45,7 +45,8 @@ def test_layout_manifest_sizes_and_stats(synth_data):
 def test_train_shards_read_by_webdataset(synth_data):
     url = str(synth_data / "train" / "{00000..00002}.tar")
     samples = list(wds.WebDataset(url, shardshuffle=False).decode("pil"))
-    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(48)]
+    # img2dataset's keys for 16-sample shards: shard * 10^2 + row in 5 + 2 digits (neuclip/data/keys.py)
+    assert [s["__key__"] for s in samples] == [f"{k:05d}{r:02d}" for k in range(3) for r in range(16)]
     two_objects = 0
     for s in samples:
         assert {"jpg", "txt", "json"} <= s.keys()
@@ -60,11 +61,47 @@ def test_train_shards_read_by_webdataset(synth_data):
 
 
 def test_different_shard_size_same_samples(tmp_path, synth_data):
+    """Only the keys depend on the shard size (img2dataset numbers rows within shards); content does not."""
     out = tmp_path / "one_shard"
     synthesize(out, num_train=48, num_eval=24, seed=0, shard_size=64)
     one = list(wds.WebDataset(str(out / "train" / "00000.tar"), shardshuffle=False))
     three = list(wds.WebDataset(str(synth_data / "train" / "{00000..00002}.tar"), shardshuffle=False))
     assert [s["jpg"] for s in one] == [s["jpg"] for s in three]
+    assert [s["txt"] for s in one] == [s["txt"] for s in three]
+    meta = [[{k: v for k, v in json.loads(s["json"]).items() if k != "key"} for s in ss] for ss in (one, three)]
+    assert meta[0] == meta[1]  # url, caption, scene, sha256: all but the key
+    assert [s["__key__"] for s in one] == [f"{r:07d}" for r in range(48)]  # shard 0, rows 0..47
+
+
+def test_dataset_yaml_gives_img2dataset_key_space(synth_data):
+    """dataset.yaml holds what `neuclip data download` writes for the registry: data_size = max key + 1."""
+    import yaml
+
+    from neuclip.data.keys import data_size_of
+    from neuclip.data.shards import shard_index
+
+    info = yaml.safe_load((synth_data / "train" / "dataset.yaml").read_text())
+    assert info["num_samples"] == 48 and info["data_size"] == 216  # last shard 2, rows 0..15: key 215
+    assert info["key_scheme"] == "shard * 10^2 + row, 7 digits" and info["shards"] == "{00000..00002}.tar"
+    manifest = json.loads((synth_data / "manifest.json").read_text())
+    assert manifest["train"]["data_size"] == 216
+    shards = [str(synth_data / "train" / f"0000{k}.tar") for k in range(3)]
+    ids = sorted(int(i) for s in shards for i in shard_index(s).ids)
+    assert ids == [100 * k + r for k in range(3) for r in range(16)] and max(ids) + 1 == info["data_size"]
+    assert data_size_of(shards)[0] == 216
+
+
+def test_key_scheme_edges(tmp_path):
+    """Shard size 1 (img2dataset: 10^0 rows per shard, 5-digit keys) and a power of ten (no gaps)."""
+    import yaml
+
+    for shard_size, keys, data_size in ((1, ["00000", "00001", "00002"], 3), (10, ["000000", "000001", "000002"], 3)):
+        out = tmp_path / f"s{shard_size}"
+        synthesize(out, num_train=3, num_eval=2, seed=0, shard_size=shard_size)
+        got = [s["__key__"] for name in sorted((out / "train").glob("*.tar"))
+               for s in wds.WebDataset(str(name), shardshuffle=False)]  # fmt: skip
+        assert got == keys
+        assert yaml.safe_load((out / "train" / "dataset.yaml").read_text())["data_size"] == data_size
 
 
 def test_refuses_to_overwrite_foreign_folder(tmp_path):

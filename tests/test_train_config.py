@@ -148,7 +148,8 @@ def test_resolve_fills_counts_paths_and_site_defaults(synth_data, tmp_path, monk
         )
     )
     assert cfg["run_dir"] == str(tmp_path / "runs" / "a")
-    assert cfg["data"]["train_num_samples"] == 48 and cfg["data"]["data_size"] == 48  # from sizes.json
+    assert cfg["data"]["train_num_samples"] == 48  # from sizes.json
+    assert cfg["data"]["data_size"] == 216  # from dataset.yaml: img2dataset's keys of 3 x 16 samples, last 215
     la = cfg["launcher"]
     assert (la["partition"], la["gpus_per_node"], la["timeout_min"]) == ("debug", 1, 30)  # config wins
     assert la["slurm_additional_parameters"] == {"constraint": "x", "x": 1}
@@ -220,3 +221,51 @@ def test_print_config_shows_the_resolved_config(synth_data, tmp_path, capsys):
     )
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["method"]["name"] == "neuclip" and cfg["data"]["train_num_samples"] == 48
+
+
+def test_default_data_size_is_max_id_plus_one_not_the_sample_count(synth_data, tmp_path):
+    """data.data_size unset: the data_size of dataset.yaml beside the shards, else max id + 1 from the shards'
+    index. The synthetic set's 48 samples carry img2dataset's keys 0..15, 100..115, 200..215."""
+    import shutil
+
+    train = shutil.copytree(synth_data / "train", tmp_path / "train")
+    info_file = train / "dataset.yaml"
+
+    def data_size(last=2, *extra):
+        pattern = str(train / f"{{00000..0000{last}}}.tar")
+        overrides = ["run_dir=r", f"data.train_shards={pattern}", "train.global_batch_size=16", *extra]
+        return resolve(load_config(None, overrides), tmp_path)["data"]["data_size"]
+
+    assert data_size() == 216
+    assert data_size(2, "data.data_size=300") == 300  # a set value wins
+    info = yaml.safe_load(info_file.read_text())
+    info_file.write_text(yaml.safe_dump({**info, "data_size": 5000}))
+    assert data_size() == 5000  # the file is the source: not recomputed from the keys
+    info_file.unlink()
+    assert data_size() == 216 and data_size(1) == 116  # the index: the largest id of the shards named, + 1
+    info_file.write_text("data_size: many\n")
+    with pytest.raises(ConfigError, match=f"{info_file}: data_size 'many' is not a positive integer"):
+        data_size()
+
+
+def test_an_id_beyond_data_size_names_the_shard_key_and_file(synth_data, tmp_path):
+    """The trainer's start-up check: the first sample whose id does not fit, and where data_size came from."""
+    import shutil
+
+    import torch
+
+    from neuclip.train.data import DataError, expand_shards
+    from neuclip.train.runtime import Process
+    from neuclip.train.setup import make_data
+
+    train = shutil.copytree(synth_data / "train", tmp_path / "train")
+    info_file = train / "dataset.yaml"
+    info_file.write_text(yaml.safe_dump({**yaml.safe_load(info_file.read_text()), "data_size": 150}))
+    pattern = str(train / "{00000..00002}.tar")
+    cfg = resolve(load_config(None, ["run_dir=r", f"data.train_shards={pattern}", "train.global_batch_size=16"]),
+                  tmp_path)  # fmt: skip
+    assert cfg["data"]["data_size"] == 150
+    with pytest.raises(DataError) as err:
+        make_data(cfg, expand_shards(pattern), Process(0, 1, torch.device("cpu")))
+    assert str(err.value).startswith(f"shard {train / '00002.tar'} key 0000200: sample id 200 >= data.data_size "
+                                     f"(150, from {info_file}): set data.data_size to max id + 1"), str(err.value)

@@ -8,9 +8,9 @@ registry need:
 
 - `sizes.json` (shard -> samples written), which open_clip and `neuclip data check` read;
 - `dataset.yaml`: the shard pattern, num_samples, and data_size = max key + 1 from img2dataset's key scheme
-  (`img2dataset_key`: a row's key is shard * 10^ceil(log10(samples per shard)) + its row in the shard, so
-  failed rows leave holes and data_size > num_samples); plus the options used, so a resume with different
-  layout options is refused instead of mixing two key schemes in one folder;
+  (neuclip/data/keys.py, shared with `neuclip data synth`: a row's key is shard * 10^ceil(log10(samples per
+  shard)) + its row in the shard, so failed rows leave holes and data_size > num_samples); plus the options
+  used, so a resume with different layout options is refused instead of mixing two key schemes in one folder;
 - `download_report.md`: per shard, rows, successes and the failures by reason (img2dataset's status_dict).
 
 Resuming is img2dataset's own incremental mode: a shard with a `_stats.json` is done, others are redone. Its
@@ -32,10 +32,12 @@ from pathlib import Path
 
 import yaml
 
+from neuclip.data import keys
+from neuclip.data.keys import INFO
+
 RECIPES = Path(__file__).resolve().with_name("download.yaml")
 REPO = Path(__file__).resolve().parent.parent.parent
 VENV = REPO / ".venv-img2dataset"
-INFO = "dataset.yaml"
 REPORT = "download_report.md"
 STATS = re.compile(r"^(\d+)_stats\.json$")
 # Options that decide what the files and keys look like: a resume must use the same ones.
@@ -116,17 +118,6 @@ def img2dataset_python() -> str:
 # -- img2dataset's key scheme and stats files -----------------------------------------------------------
 
 
-def oom_sample(per_shard: int) -> int:
-    """Digits of the row part of a key (img2dataset: ceil(log10(number_sample_per_shard)))."""
-    return math.ceil(math.log10(per_shard))
-
-
-def img2dataset_key(shard: int, row: int, per_shard: int, oom_shard_count: int) -> str:
-    """The key img2dataset gives row `row` of input shard `shard` (its downloader.compute_key)."""
-    digits = oom_sample(per_shard)
-    return f"{10**digits * shard + row:0{oom_shard_count + digits}d}"
-
-
 @dataclass
 class ShardStats:
     shard: int
@@ -162,7 +153,7 @@ def read_stats(out: Path, oom_shard_count: int) -> list[ShardStats]:
 
 def key_space(stats: list[ShardStats], per_shard: int) -> int:
     """data_size: one more than the largest key img2dataset can have given out (failed rows included)."""
-    return max((10 ** oom_sample(per_shard) * s.shard + s.count for s in stats), default=0)
+    return keys.key_space(((s.shard, s.count) for s in stats), per_shard)
 
 
 def input_rows(url_list: Path, input_format: str) -> list[int] | None:
@@ -286,7 +277,7 @@ def download(dataset: str, url_list, out, site: dict | None = None, echo=print) 
         "shards_done": len(sizes),
         "shards_expected": expected,
         "failures": dict(sum((Counter(s.reasons) for s in stats), Counter()).most_common()),
-        "key_scheme": f"shard * 10^{oom_sample(per_shard)} + row, {oom + oom_sample(per_shard)} digits",
+        "key_scheme": keys.key_scheme(per_shard, oom),
         "img2dataset": {"version": version, "python": python, "options": opts},
     }
     write_atomic(out / INFO, "# written by `neuclip data download`; registry fields: shards, num_samples, data_size\n"

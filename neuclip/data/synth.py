@@ -6,13 +6,14 @@ A model that learns to align images and captions can then be scored zero-shot on
 are those same attributes (shape, colour, position) and on caption retrieval.
 
 Output layout (img2dataset for training, clip_benchmark `wds/` for evaluation), see `synthesize`. The train
-shards hold what img2dataset writes (members, .json fields, .parquet and _stats.json sidecars; checked
-against a real img2dataset run in tests/test_data_download.py) with one deliberate difference: keys number
-the samples 0..n-1, where img2dataset numbers shard * 10^ceil(log10(shard size)) + row (the same when the
-shard size is 10,000, as for CC3M/CC12M). Contiguous ids keep data_size = num_samples for generated sets and
-a sample's content independent of the shard size.
-Everything is a pure function of (seed, stream, sample index): shards are byte-identical across runs and do
-not depend on `shard_size`, and each evaluation set has its own seed stream, disjoint from training.
+shards hold exactly what img2dataset writes (members, .json fields, .parquet and _stats.json sidecars; checked
+against a real img2dataset run in tests/test_data_download.py), keys included: sample i is row i % shard_size
+of shard i // shard_size, keyed as img2dataset keys that row (neuclip/data/keys.py). Unless the shard size is a
+power of ten the ids have gaps between shards, and data_size (max id + 1, written to train/dataset.yaml as
+`neuclip data download` writes it) is larger than num_train.
+Everything is a pure function of (seed, stream, sample index): shards are byte-identical across runs, a
+sample's content (image, caption, scene, url) does not depend on `shard_size` (only its key does), and each
+evaluation set has its own seed stream, disjoint from training.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw
 
+from neuclip.data.keys import INFO, contiguous_rows, img2dataset_key, key_scheme, key_space
 from neuclip.data.shards import key_width, write_tar
 
-VERSION = 2  # bump when the same seed would produce different data
+VERSION = 3  # bump when the same seed would produce different data (3: img2dataset's keys)
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLOURS = {
@@ -246,11 +249,14 @@ I2D_FIELDS = ("caption", "url", "key", "status", "error_message", "width", "heig
 ATTRIBUTES = ("background", "objects")
 
 
-def _train_sample(i: int, seed: int, width: int, image_size: int) -> tuple[str, dict[str, bytes], dict]:
+def _train_sample(
+    i: int, seed: int, width: int, image_size: int, key: str | None = None
+) -> tuple[str, dict[str, bytes], dict]:
+    """Sample i of the train stream under `key` (default: i in `width` digits); the content depends on i only."""
     rng = _rng(seed, "train", i)
     scene = sample_scene(rng)
     caption = captions(scene, rng)[0]
-    key = f"{i:0{width}d}"
+    key = f"{i:0{width}d}" if key is None else key
     jpg = _encode(render(scene, image_size, rng), "jpg")
     meta = scene.attributes()  # img2dataset's save_additional_columns sit before its own fields
     meta.update(caption=caption, url=f"synth:{seed}/{i}", key=key, status="success", error_message=None)
@@ -272,15 +278,17 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
-def _write_train(out: Path, num: int, seed: int, shard_size: int, image_size: int) -> list[str]:
+def _write_train(out: Path, num: int, seed: int, shard_size: int, image_size: int) -> tuple[list[str], int]:
+    """The shards, sidecars, sizes.json and dataset.yaml; returns (shard names, data_size)."""
     out.mkdir(parents=True)
-    width, sizes, names = key_width(num), {}, []
-    for shard, start in enumerate(range(0, num, shard_size)):
-        name = f"{shard:05d}.tar"
-        made = [_train_sample(i, seed, width, image_size) for i in range(start, min(start + shard_size, num))]
+    sizes, names = {}, []
+    layout = contiguous_rows(num, shard_size)
+    for shard, rows in layout:
+        name, start = f"{shard:05d}.tar", shard * shard_size
+        made = [_train_sample(start + row, seed, 0, image_size, key=img2dataset_key(shard, row, shard_size))
+                for row in range(rows)]  # fmt: skip
         count = write_tar(out / name, ((key, fields) for key, fields, _ in made))
-        rows = [meta for _, _, meta in made]
-        _write_parquet(out / f"{shard:05d}.parquet", rows)
+        _write_parquet(out / f"{shard:05d}.parquet", [meta for _, _, meta in made])
         # img2dataset's stats fields; the times are fixed so that the same seed gives the same bytes
         stats = {"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0}
         stats.update(duration=0.0, start_time=0.0, end_time=0.0, status_dict={"success": count})
@@ -288,7 +296,15 @@ def _write_train(out: Path, num: int, seed: int, shard_size: int, image_size: in
         sizes[name] = count
         names.append(name)
     _write_json(out / "sizes.json", sizes)  # open_clip's get_dataset_size reads this
-    return names
+    data_size = key_space(layout, shard_size)
+    # The registry fields `neuclip data download` writes (neuclip/data/download.py), the shard pattern relative
+    # to this folder so that the bytes do not depend on where the set is written.
+    pattern = f"{{00000..{len(names) - 1:05d}}}.tar" if len(names) > 1 else names[0]
+    info = {"generator": "neuclip.data.synth", "shards": pattern, "num_samples": num, "data_size": data_size,
+            "key_scheme": key_scheme(shard_size)}
+    (out / INFO).write_text("# written by `neuclip data synth`; registry fields: shards (relative to this folder), "
+                            "num_samples, data_size\n" + yaml.safe_dump(info, sort_keys=False))  # fmt: skip
+    return names, data_size
 
 
 def _write_eval(out: Path, task: str, num: int, seed: int, shard_size: int, image_size: int) -> dict:
@@ -335,9 +351,11 @@ def synthesize(
     """Generate the training shards and evaluation sets under `out_dir`; return the manifest.
 
     OUT/train/{00000..}.tar        KEY.jpg, KEY.txt, KEY.json (img2dataset's members and .json fields, plus
-                                   the scene as extra columns); KEY = 9-digit id 0..num_train-1
+                                   the scene as extra columns); KEY = img2dataset's key of row i % shard_size
+                                   of shard i // shard_size (e.g. 000010003: sample 1027, shards of 1024)
     OUT/train/00000.parquet        img2dataset's per-shard metadata sidecar (one row per sample)
     OUT/train/00000_stats.json     img2dataset's per-shard stats; OUT/train/sizes.json: shard -> count
+    OUT/train/dataset.yaml         shards, num_samples, data_size (max id + 1), as `neuclip data download`
     OUT/eval/wds_synth_{shape,colour,position}   clip_benchmark wds classification sets (.png + .cls)
     OUT/eval/wds_synth_retrieval   clip_benchmark wds retrieval set (.png + .txt, 5 captions per image)
     OUT/manifest.json              what was generated
@@ -354,7 +372,7 @@ def synthesize(
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        shards = _write_train(tmp / "train", num_train, seed, shard_size, image_size)
+        shards, data_size = _write_train(tmp / "train", num_train, seed, shard_size, image_size)
         tasks = {}
         for task in STREAMS:
             if task != "train":
@@ -367,7 +385,8 @@ def synthesize(
             "seed": seed,
             "image_size": image_size,
             "shard_size": shard_size,
-            "train": {"num_samples": num_train, "shards": [f"train/{s}" for s in shards], "format": "jpg"},
+            "train": {"num_samples": num_train, "data_size": data_size, "shards": [f"train/{s}" for s in shards],
+                      "format": "jpg"},
             "eval": tasks,
             "vocabulary": {
                 "shapes": list(SHAPES),

@@ -297,8 +297,18 @@ def resolve(cfg: dict, base_dir: str | Path | None = None) -> dict:
                 f"shards of {pattern!r} gives their sample counts: set it"
             )
         d["train_num_samples"] = total
-    if d["data_size"] is None:
-        d["data_size"] = d["train_num_samples"]
+    if d["data_size"] is None:  # ids have gaps (img2dataset's keys, failed downloads): never the sample count
+        from neuclip.data.keys import data_size_of
+
+        try:
+            d["data_size"], _ = data_size_of(shards)
+        except ValueError as err:  # a malformed dataset.yaml, named
+            raise ConfigError(f"{err}: fix it, or set data.data_size") from None
+        if d["data_size"] < 1:
+            raise ConfigError(
+                f"config key 'data.data_size' is not set, no dataset.yaml beside the shards of {pattern!r} gives it, "
+                "and no readable shard holds a sample id: set it (max sample id + 1)"
+            )
     if d["train_num_samples"] < cfg["train"]["global_batch_size"]:
         raise ConfigError(
             f"data.train_num_samples ({d['train_num_samples']}) is smaller than "

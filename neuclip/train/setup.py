@@ -133,9 +133,12 @@ def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
         report=proc.rank == 0,
     )
     if data.max_id >= d["data_size"]:
+        from neuclip.data.keys import id_beyond
+
         raise DataError(
-            f"the shards hold sample id {data.max_id} >= data.data_size ({d['data_size']}): set data.data_size to "
-            "max id + 1 (the size of per-sample state)"
+            id_beyond(shards, d["data_size"])
+            or f"the shards hold sample id {data.max_id} >= data.data_size ({d['data_size']}): set data.data_size "
+            "to max id + 1 (the size of per-sample state)"
         )
     if proc.rank == 0 and d["train_num_samples"] != data.num_samples:
         print(
