@@ -74,10 +74,13 @@ def _setup(synth_data, method: str, world: int):
     model, _, eval_tf, tokenizer = create_model("tiny-vit")
     model.eval()
     options = {"state_placement": "sharded"} if method == "fastclip" else {}
-    est = build_estimator(method, options, EstimatorContext(embed_dim=32, data_size=64))
-    if method == "fastclip":  # a state for ids 0..39 (the rest never visited: NaN), whatever the layout
-        ids = torch.arange(64)
-        full = torch.where(ids < 40, torch.sin(ids.float()) - 2.0, float("nan"))
+    from neuclip.data.keys import read_info
+
+    data_size = read_info(synth_data / "train")["data_size"]  # 216: img2dataset's keys 0..15, 100..115, 200..215
+    est = build_estimator(method, options, EstimatorContext(embed_dim=32, data_size=data_size))
+    if method == "fastclip":  # a state for the first 40 samples, ids < 208 (the rest never visited: NaN)
+        ids = torch.arange(data_size)
+        full = torch.where(ids < 208, torch.sin(ids.float()) - 2.0, float("nan"))
         own = est.layout.owned(ids)
         est.a1.copy_(full[own])
         est.a2.copy_(full[own] * 0.5)

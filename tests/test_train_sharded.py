@@ -28,7 +28,7 @@ from neuclip.train.testing import RANK_DUMPS, tensors_equal, tiny_config, write_
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-STEPS, DATA_SIZE = 14, 1001  # ids 0..47 in the shards; state for 1001 ids (odd: the shards differ in size)
+STEPS, DATA_SIZE = 14, 1001  # 48 ids in 0..215 (img2dataset keys); state for 1001 ids (odd: shards differ in size)
 
 
 def torchrun(config: Path, **popen) -> subprocess.Popen:
