@@ -4,8 +4,9 @@ For each run of the grid, the job's own config is built exactly as the job will 
 train config, launcher.site merged, the world size the launcher will start) and put through the start-up
 checks the trainer makes: the train-config schema, the batch geometry (neuclip.train.setup.Geometry, the
 trainer's own code), the method's options and sizes (the estimator's own declaration), a known model, and the
-per-node host memory that per-sample state needs against `mem_gb`. Nothing here reads the data: shards may
-live only on the cluster's file system.
+per-node host memory that per-sample state needs against `mem_gb`. Nothing here reads the shards: they may
+live only on the cluster's file system. A data set registered without a data_size takes it, as the trainer
+does, from the dataset.yaml beside its shards when that file is here (neuclip/data/keys.py).
 
 A failing cell fails `snakemake -n` with one line per problem, each naming the cell and the key to change.
 """
@@ -57,7 +58,22 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
     if d["train_num_samples"] is None:
         raise ConfigError(f"data set {run.dataset!r} has no num_samples in workflows/datasets.yaml: set it "
                           "(or dataset_overrides in the experiment config)")
-    d["data_size"] = d["data_size"] or d["train_num_samples"]
+    warnings = []
+    if d["data_size"] is None:  # the trainer takes it from beside the shards: dataset.yaml, else their index
+        from neuclip.data.keys import declared_data_size
+        from neuclip.data.shards import expand_pattern
+
+        try:
+            declared = declared_data_size(expand_pattern(d["train_shards"]))
+        except ValueError as err:
+            raise ConfigError(f"data set {run.dataset!r}: {err}") from None
+        if declared is not None:
+            d["data_size"] = declared[0]
+        else:  # the shards may not be here (nothing here reads them): the sample count is a lower bound
+            d["data_size"] = d["train_num_samples"]
+            warnings.append(f"data set {run.dataset!r} has no data_size (max sample id + 1) in workflows/datasets.yaml "
+                            "and no dataset.yaml beside its shards here: per-sample state was sized for num_samples, "
+                            "a lower bound (the trainer takes max id + 1 from the shards' index); set data_size")
     if d["train_num_samples"] < cfg["train"]["global_batch_size"]:
         raise ConfigError(f"train.global_batch_size ({cfg['train']['global_batch_size']}) exceeds the data set's "
                           f"{d['train_num_samples']} samples")
@@ -68,7 +84,8 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
     m = cfg["method"]
     ctx = EstimatorContext(embed_dim=1, data_size=d["data_size"], total_epochs=geo.total_steps / geo.steps_per_epoch,
                            total_steps=geo.total_steps, steps_per_epoch=geo.steps_per_epoch)
-    options, warnings = check_method(m["name"], m["options"], m["common_options"], ctx, geo.batch)
+    options, method_warnings = check_method(m["name"], m["options"], m["common_options"], ctx, geo.batch)
+    warnings += method_warnings
     cls = estimator_class(m["name"])
     state = cls.state_bytes(options, ctx, world)  # per rank: a 1/world share when sharded
     whole = cls.state_bytes(options, ctx, 1)

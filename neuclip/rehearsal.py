@@ -6,9 +6,10 @@ with the SLURM profile (whose `config` list a command-line `--config` would repl
     snakemake --profile slurm all --configfile workflows/configs/paper.yaml workflows/configs/rehearsal.yaml
 
 What changes (sizes only): every data set becomes synthetic shards made by `neuclip data synth` with the
-rehearsal's sample count, several shards, and a data_size as much larger than the samples present as the real
-set's (max id + 1 over pairs present); models become the tiny model of their family (RN* -> tiny-cnn, with
-BatchNorm like RN50; ViT* -> tiny-vit); training runs `steps` steps at a global batch of at most
+rehearsal's sample count, several shards, and a data_size at least as much larger than the samples present as
+the real set's (max id + 1 over pairs present; the generator's img2dataset keys, gapped between shards, may
+need more: neuclip.workflow.synthetic_data_size); models become the tiny model of their family (RN* ->
+tiny-cnn, with BatchNorm like RN50; ViT* -> tiny-vit); training runs `steps` steps at a global batch of at most
 `global_batch_size`; checkpoints, logs and error tracking come every few steps; resources shrink to what the
 test cluster has; evaluation runs the tiny suite; one seed. What does not change: the data sets, methods,
 variants, per-data-set options, every method option, the launcher and the resource keys, the profile.

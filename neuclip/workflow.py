@@ -119,6 +119,15 @@ def data_marker(config: dict, dataset: str) -> Path:
     return experiment_dir(config) / "data" / f"{dataset}.ready"
 
 
+def synthetic_data_size(config: dict) -> int:
+    """The data_size `neuclip data synth` writes to its dataset.yaml for the config's `synthetic:` sizes (max
+    img2dataset key + 1, neuclip/data/keys.py): known before the data is generated, for the preflight."""
+    from neuclip.data.keys import contiguous_rows, key_space
+
+    size = int(config["synthetic"].get("shard_size", 1024))
+    return key_space(contiguous_rows(int(config["synthetic"]["num_train"]), size), size)
+
+
 def shards(config: dict, dataset: str) -> str:
     entry = registry(config)[dataset]
     if entry.get("generated"):
@@ -149,9 +158,10 @@ def train_config(config: dict, run: Run) -> dict:
     """The complete `neuclip train` config for one run."""
     ds = per_dataset(config, run.dataset)
     entry = registry(config)[run.dataset]
-    if entry.get("generated"):  # a rehearsal keeps the real set's data_size / num_samples ratio
-        num_samples = int(config["synthetic"]["num_train"])
-        data_size = int(entry.get("data_size") or num_samples)
+    if entry.get("generated"):
+        num_samples, data_size = int(config["synthetic"]["num_train"]), synthetic_data_size(config)
+        # a rehearsal asks for at least the real set's data_size / num_samples ratio
+        data_size = max(data_size, int(entry.get("data_size") or 0))
     else:
         num_samples, data_size = entry.get("num_samples"), entry.get("data_size")
     return {

@@ -114,3 +114,19 @@ def test_datacomp_xlarge_needs_the_sharded_state():
     message = failure(slurm("datacomp", datasets=["datacomp_xlarge"], common_options={"state_placement": "replicated"}))
     assert "cell datacomp/datacomp_xlarge/isogclr/default/seed0" in message and "launcher.mem_gb (480)" in message
     assert "state_placement: sharded" in message
+
+
+def test_a_data_set_without_data_size_takes_it_from_dataset_yaml_beside_its_shards(tmp_path):
+    """As the trainer does (neuclip/data/keys.py): the dataset.yaml that `neuclip data download` writes; with
+    none here, num_samples is used as a lower bound, with a warning naming the key to set."""
+    shards = tmp_path / "cc3m"
+    shards.mkdir()
+    config = slurm("paper", datasets=["cc3m"], dataset_overrides={"cc3m": {"data_size": None,
+                   "shards": str(shards / "{00000..00331}.tar")}})  # fmt: skip
+    plans = preflight(config)
+    assert {p.cfg["data"]["data_size"] for p in plans} == {2723840}  # num_samples
+    assert any("has no data_size" in w and "set data_size" in w for p in plans for w in p.warnings)
+    (shards / "dataset.yaml").write_text("num_samples: 2723840\ndata_size: 3318333\n")
+    plans = preflight(config)
+    assert {p.cfg["data"]["data_size"] for p in plans} == {3318333}
+    assert not any("has no data_size" in w for p in plans for w in p.warnings)

@@ -126,3 +126,23 @@ def test_site_overrides_replace_registry_fields():
     cfg["dataset_overrides"] = {"cc4m": {}}
     with pytest.raises(KeyError, match="unknown data set 'cc4m'"):
         wf.registry(cfg)
+
+
+def test_synthetic_data_size_is_what_the_generator_writes(tmp_path):
+    """One source: the train config's data_size for the generated set, known before the data exists (the
+    preflight needs it), equals the data_size `neuclip data synth` writes to dataset.yaml for those sizes;
+    a rehearsal's ratio-based data_size applies only where it is larger."""
+    from neuclip.data.keys import read_info
+    from neuclip.data.synth import synthesize
+
+    cfg = copy.deepcopy(load("tiny"))
+    cfg["synthetic"] = {**cfg["synthetic"], "num_train": 40, "shard_size": 16}
+    run = wf.Run("synthetic", "fastclip", "default", 0)
+    tc = wf.train_config(cfg, run)
+    synthesize(tmp_path / "s", num_train=40, num_eval=2, seed=0, shard_size=16)
+    assert tc["data"]["data_size"] == read_info(tmp_path / "s" / "train")["data_size"] == 208  # keys 200..207
+    assert tc["data"]["train_num_samples"] == 40
+    cfg["dataset_overrides"] = {"synthetic": {"data_size": 500}}
+    assert wf.train_config(cfg, run)["data"]["data_size"] == 500
+    cfg["dataset_overrides"] = {"synthetic": {"data_size": 50}}
+    assert wf.train_config(cfg, run)["data"]["data_size"] == 208
