@@ -95,7 +95,8 @@ class NeuCLIP(LearnableTemperature, InnerOptimizer, Estimator):
         m = int(options["num_prototypes"])
         if options["npn"] != "prototype":
             return []
-        limit, source = (ctx.data_size, "the data set") if options["restart_sampling"] == "recent" else (
+        present = ctx.num_samples or ctx.data_size  # distinct rows a restart can draw: samples, not ids
+        limit, source = (present, "the data set") if options["restart_sampling"] == "recent" else (
             global_batch, "the global batch (restart_sampling: batch)")
         if limit and m > limit:
             return [f"num_prototypes={m} is larger than {source} ({limit}): restart rows are drawn with "

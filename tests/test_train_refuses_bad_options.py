@@ -42,9 +42,6 @@ def test_a_run_dir_with_a_newline_is_refused(tmp_path, synth_data, capsys):
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="neuclip/neuclip.py check_context compares num_prototypes with ctx.data_size "
-                   "(max id + 1: 216 for these 48 samples under img2dataset's keys), not with the samples present; "
-                   "the fix belongs there (another agent's file)")
 def test_prototypes_beyond_the_data_set_warn_and_name_the_fill_rule(tmp_path, synth_data, capsys):
     """48 samples, m = 64: allowed (the restart fills m rows with replacement plus jitter), with a warning."""
     code = main(["train", *tiny_overrides(tmp_path / "run", shards(synth_data)), "method.name=neuclip",

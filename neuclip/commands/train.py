@@ -64,7 +64,8 @@ def _check_method(cfg: dict) -> None:
 
     m = cfg["method"]
     d = cfg["data"]
-    ctx = EstimatorContext(embed_dim=1, data_size=int(d["data_size"] or d["train_num_samples"] or 0))
+    ctx = EstimatorContext(embed_dim=1, data_size=int(d["data_size"] or d["train_num_samples"] or 0),
+                           num_samples=int(d["train_num_samples"] or 0))
     try:
         _, warnings = check_method(m["name"], m["options"], m["common_options"], ctx,
                                    int(cfg["train"]["global_batch_size"]))

@@ -57,6 +57,7 @@ class EstimatorContext:
 
     embed_dim: int
     data_size: int = 0  # max sample id + 1 (may exceed the number of samples present)
+    num_samples: int = 0  # samples present (train_num_samples); 0 when unknown
     total_epochs: float = 1.0
     total_steps: int = 1
     steps_per_epoch: int = 1

@@ -78,6 +78,7 @@ def build_parts(cfg: dict, geo: Geometry, device: torch.device) -> Parts:
     ctx = EstimatorContext(
         embed_dim=_embed_dim(model, cfg["model"]),
         data_size=cfg["data"]["data_size"],
+        num_samples=int(cfg["data"]["train_num_samples"] or 0),
         total_epochs=geo.total_steps / geo.steps_per_epoch,
         total_steps=geo.total_steps,
         steps_per_epoch=geo.steps_per_epoch,
