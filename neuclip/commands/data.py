@@ -15,7 +15,8 @@ def register(sub) -> None:
         help="generate the synthetic image-caption set (train shards + clip_benchmark eval sets)",
         description=(
             "Procedurally drawn shapes with captions naming their shape, colour, size and position. Writes "
-            "OUT_DIR/train/{00000..}.tar (img2dataset layout: KEY.jpg/.txt/.json, sizes.json, *_stats.json), "
+            "OUT_DIR/train/{00000..}.tar (img2dataset's layout and keys: KEY.jpg/.txt/.json, sizes.json, "
+            "*_stats.json, *.parquet, dataset.yaml with data_size = max key + 1 as `neuclip data download` writes), "
             "OUT_DIR/eval/wds_synth_{shape,colour,position,retrieval} (clip_benchmark wds/ layout) and "
             "OUT_DIR/manifest.json. The same seed gives byte-identical shards."
         ),
