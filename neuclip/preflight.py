@@ -82,7 +82,8 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
     if models is not None and cfg["model"] not in models:
         raise ConfigError(f"model {cfg['model']!r} is not an open_clip model nor one in neuclip/model_configs")
     m = cfg["method"]
-    ctx = EstimatorContext(embed_dim=1, data_size=d["data_size"], total_epochs=geo.total_steps / geo.steps_per_epoch,
+    ctx = EstimatorContext(embed_dim=1, data_size=d["data_size"], num_samples=d["train_num_samples"],
+                           total_epochs=geo.total_steps / geo.steps_per_epoch,
                            total_steps=geo.total_steps, steps_per_epoch=geo.steps_per_epoch)
     options, method_warnings = check_method(m["name"], m["options"], m["common_options"], ctx, geo.batch)
     warnings += method_warnings
