@@ -33,10 +33,13 @@ if config.get("rehearsal"):
     wf.validate_config(config)
 
 # Every cell's start-up checks, before anything is queued: a broken cell fails `snakemake -n`, naming the cell
-# and the key (neuclip/preflight.py).
+# and the key (neuclip/preflight.py). Under the SLURM launcher, also every stage's request against the nodes
+# of the cluster `sinfo` answers for (none on a laptop).
+import neuclip.cluster_fit
 import neuclip.preflight
 
-neuclip.preflight.print_warnings(neuclip.preflight.preflight(config))
+_cluster = neuclip.cluster_fit.cluster_nodes() if config.get("launcher") == "slurm" else None
+neuclip.preflight.print_warnings(neuclip.preflight.preflight(config, cluster=_cluster))
 
 RUNS = wf.runs(config)
 RUNS_BY_KEY = {r.key: r for r in RUNS}

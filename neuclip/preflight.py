@@ -4,9 +4,12 @@ For each run of the grid, the job's own config is built exactly as the job will 
 train config, launcher.site merged, the world size the launcher will start) and put through the start-up
 checks the trainer makes: the train-config schema, the batch geometry (neuclip.train.setup.Geometry, the
 trainer's own code), the method's options and sizes (the estimator's own declaration), a known model, and the
-per-node host memory that per-sample state needs against `mem_gb`. Nothing here reads the shards: they may
-live only on the cluster's file system. A data set registered without a data_size takes it, as the trainer
-does, from the dataset.yaml beside its shards when that file is here (neuclip/data/keys.py).
+per-node host memory that per-sample state needs against `mem_gb`. Under the SLURM launcher, every stage's
+request (train, eval, error pass, sweep) is also compared with the nodes of the cluster the Snakefile submits
+to, where `sinfo` answers (neuclip/cluster_fit.py): a request no node can hold would pend for ever.
+Nothing here reads the shards: they may live only on the cluster's file system. A data set registered
+without a data_size takes it, as the trainer does, from the dataset.yaml beside its shards when that file is
+here (neuclip/data/keys.py).
 
 A failing cell fails `snakemake -n` with one line per problem, each naming the cell and the key to change.
 """
@@ -109,8 +112,10 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
     return CellPlan(run.key, world, geo.total_steps, state / GIB, whole / GIB, warnings, cfg)
 
 
-def preflight(config: dict) -> list[CellPlan]:
-    """Check every cell; raise PreflightError listing all failing cells (each line: cell, key, fix)."""
+def preflight(config: dict, cluster=None) -> list[CellPlan]:
+    """Check every cell; raise PreflightError listing all failing cells (each line: cell, key, fix). With
+    `cluster` (neuclip.cluster_fit.cluster_nodes(): the Snakefile passes the cluster it submits to), each
+    stage's SLURM request is also checked against its nodes."""
     import neuclip.workflow as wf
     from neuclip.estimators.options import OptionError
     from neuclip.train.config import ConfigError
@@ -124,7 +129,37 @@ def preflight(config: dict) -> list[CellPlan]:
             failures.append(f"  cell {config['experiment']}/{run.key}: {err}")
     if failures:
         raise PreflightError(f"{len(failures)} cell(s) would stop at start-up:\n" + "\n".join(failures))
+    misfits = _cluster_misfits(config, plans, cluster) if cluster else []
+    if misfits:
+        raise PreflightError(f"{len(misfits)} job request(s) no node of the cluster can hold:\n" + "\n".join(misfits))
     return plans
+
+
+def _cluster_misfits(config: dict, plans: list[CellPlan], cluster) -> list[str]:
+    """Under the SLURM launcher, each stage's request against the cluster's nodes (neuclip/cluster_fit.py)."""
+    if config.get("launcher") != "slurm":
+        return []
+    import neuclip.workflow as wf
+    from neuclip.cluster_fit import misfit
+    from neuclip.train.config import launcher_section
+
+    sections = {}  # (what, stage) -> launcher section; one check per distinct stage and data set
+    for plan in plans:
+        dataset = plan.cfg["meta"]["dataset"]
+        sections.setdefault((f"cell {config['experiment']}/{plan.cell}", "train"), plan.cfg["launcher"])
+        if wf.eval_suites(config, dataset):
+            sections.setdefault((f"data set {dataset}", "eval"), wf.stage_launcher(config, "eval", dataset))
+        sections.setdefault((f"data set {dataset}", "error_run"), wf.stage_launcher(config, "error_run", dataset))
+    if config.get("error_study"):
+        sections[(f"experiment {config['experiment']}", "error_sweep")] = wf.stage_launcher(config, "error_sweep")
+    out, seen = [], set()
+    for (what, stage), la in sections.items():
+        full = la if stage == "train" else launcher_section(la, base=wf.REPO, where=f"stages.{stage}")
+        why = misfit(full, cluster)
+        if why and (stage, why) not in seen:
+            seen.add((stage, why))
+            out.append(f"  {what}, stage {stage}: {why}")
+    return out
 
 
 def print_warnings(plans: list[CellPlan]) -> None:

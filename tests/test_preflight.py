@@ -4,6 +4,7 @@ fails naming the cell and the key (neuclip/preflight.py)."""
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,12 +41,48 @@ def test_shipped_grids_pass_the_preflight_under_slurm(name):
 
 
 def test_snakemake_dry_run_with_the_slurm_profile_passes_the_preflight():
+    # no cluster answers here (the test cluster's SLURM_CONF left out): the grid's own checks only; the
+    # requests against a cluster's nodes are test_stage_requests_are_checked_against_the_cluster_nodes
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
     out = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--profile", "slurm", "all", "--configfile",
          str(CONFIGS / "paper.yaml"), "--quiet", "rules"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO, capture_output=True, text=True, env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+# `sinfo -h -N -o '%P|%c|%m|%G'` of a cluster: the test cluster's default partition (2 CPUs, 2 fake GPUs) and
+# a partition of two 8-GPU nodes
+SINFO = """debug*|2|23081|gpu:fake:2
+big|64|512000|gpu:a100:8(S:0-1)
+big|64|512000|gpu:a100:8(S:0-1)
+"""
+
+
+def test_stage_requests_are_checked_against_the_cluster_nodes():
+    from neuclip.cluster_fit import parse_sinfo
+
+    cluster = parse_sinfo(SINFO)
+    assert cluster[1] == "debug" and [n.gpus for n in cluster[0]["big"]] == [8, 8]
+    tiny = slurm("tiny")
+    assert preflight(tiny, cluster=cluster)  # the tiny pipeline fits the test cluster's node
+    # the error sweep asks for more CPUs than a node has (seen: it pended for ever with reason PartitionConfig)
+    with pytest.raises(PreflightError) as err:
+        preflight(wf.deep_merge(tiny, {"stages": {"error_sweep": {"cpus_per_task": 4}}}), cluster=cluster)
+    assert "stage error_sweep" in str(err.value) and "4 CPU(s)" in str(err.value) and "'debug'" in str(err.value)
+    # the paper grid's 4 GPUs a node against 2-GPU nodes: every training stage named, with the key
+    with pytest.raises(PreflightError) as err:
+        preflight(slurm("paper"), cluster=cluster)
+    assert "stage train" in str(err.value) and "gpus_per_node" in str(err.value) and "cc3m" in str(err.value)
+    # on the 8-GPU partition it fits; 4 nodes of it do not exist
+    assert preflight(slurm("paper", resources={"partition": "big"}), cluster=cluster)
+    with pytest.raises(PreflightError, match="asks for 4 nodes"):
+        preflight(slurm("paper", resources={"partition": "big"}, per_dataset={"dfn1b": {"resources": {"nodes": 4}}}),
+                  cluster=cluster)
+    with pytest.raises(PreflightError, match="partition 'nope' is not one of"):
+        preflight(slurm("tiny", resources={"partition": "nope"}), cluster=cluster)
+    assert preflight(slurm("tiny", stages={"error_sweep": {"cpus_per_task": 4}}), cluster=None)  # no cluster: no check
 
 
 def failure(config: dict) -> str:

@@ -354,7 +354,7 @@ db -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
 
 # --- config files ---------------------------------------------------------------------------------------
 # Regenerated on every start, so edits to this script (or new ports) take effect after stop + start.
-NCPU=$(nproc)
+NCPU=$(slurmd -C | sed -n "s/.*CPUs=\([0-9]*\).*/\1/p" | head -1)  # the hardware, as slurmd counts it (nproc follows OMP_NUM_THREADS)
 HW_MEM=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
 MEM=$((HW_MEM - 1024))
 ((MEM >= 512)) || MEM=512
@@ -459,7 +459,7 @@ AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
-# The node: CPUs from nproc; RealMemory = slurmd -C ($HW_MEM MiB) minus 1 GiB headroom for the OS and
+# The node: CPUs from slurmd -C; RealMemory = slurmd -C ($HW_MEM MiB) minus 1 GiB headroom for the OS and
 # daemons; $FAKE_GPUS fake GPUs (see gres.conf) so --gpus-per-node jobs can be scheduled without a GPU.
 $NS_NODE_LINES
 NodeName=localhost NodeHostname=localhost NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$MEM Gres=gpu:fake:$FAKE_GPUS State=UNKNOWN
