@@ -124,7 +124,7 @@ def synthetic_data_size(config: dict) -> int:
     img2dataset key + 1, neuclip/data/keys.py): known before the data is generated, for the preflight."""
     from neuclip.data.keys import contiguous_rows, key_space
 
-    size = int(config["synthetic"].get("shard_size", 1024))
+    size = int(config["synthetic"]["shard_size"])  # required, as the data_synth rule passes it
     return key_space(contiguous_rows(int(config["synthetic"]["num_train"]), size), size)
 
 
@@ -132,7 +132,7 @@ def shards(config: dict, dataset: str) -> str:
     entry = registry(config)[dataset]
     if entry.get("generated"):
         n = int(config["synthetic"]["num_train"])
-        size = int(config["synthetic"].get("shard_size", 1024))
+        size = int(config["synthetic"]["shard_size"])  # required, as the data_synth rule passes it
         last = (n + size - 1) // size - 1
         return str(synthetic_dir(config, dataset) / "train" / f"{{00000..{last:05d}}}.tar")
     pattern = entry["shards"]

@@ -6,7 +6,6 @@ import copy
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -56,7 +55,6 @@ def test_schema_enums_come_from_the_registries():
 
 
 def test_paper_grid_dry_run_lists_the_expected_jobs():
-    started = time.time()
     out = subprocess.run(
         [*SNAKEMAKE, "-n", "all", "--configfile", str(CONFIGS / "paper.yaml"), "--quiet", "rules"],
         cwd=REPO,
@@ -64,7 +62,6 @@ def test_paper_grid_dry_run_lists_the_expected_jobs():
         text=True,
         check=True,
     ).stdout
-    elapsed = time.time() - started
     counts = {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)$", out, re.M)}
     # 3 seeds on cc3m, cc12m, dfn14m and 1 on dfn192m, dfn1b, laion315m: 12 x 7 methods = 84 runs, each
     # evaluated on datacomp38, imagenet_variants and retrieval.
@@ -77,7 +74,6 @@ def test_paper_grid_dry_run_lists_the_expected_jobs():
         "all": 1,
         "total": 428,
     }
-    assert elapsed < 15, f"dry run took {elapsed:.1f}s"  # about 2 s of CPU; generous for a loaded machine
 
 
 def test_paper_runs_and_their_configs():
