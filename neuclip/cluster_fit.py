@@ -33,8 +33,12 @@ def parse_sinfo(text: str) -> tuple[dict[str, list[Node]], str | None]:
         name, cpus, mem, gres = fields
         if name.endswith("*"):
             name = default = name[:-1]
-        gpus = sum(int(m) for m in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
-        parts.setdefault(name, []).append(Node(int(cpus.rstrip("+")), int(mem.rstrip("+")), gpus))
+        try:
+            node = Node(int(cpus.rstrip("+")), int(mem.rstrip("+")),
+                        sum(int(m) for m in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres)))
+        except ValueError:  # a field this site's sinfo fills otherwise (N/A): that node is not judged
+            continue
+        parts.setdefault(name, []).append(node)
     return parts, default
 
 
@@ -43,7 +47,8 @@ def cluster_nodes() -> tuple[dict[str, list[Node]], str | None] | None:
     if shutil.which("sinfo") is None:
         return None
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True,
+        # -a: hidden partitions too (a site may name one; sbatch judges access)
+        out = subprocess.run(["sinfo", "-a", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True,
                              timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -54,10 +59,16 @@ def cluster_nodes() -> tuple[dict[str, list[Node]], str | None] | None:
 def misfit(la: dict, cluster: tuple[dict[str, list[Node]], str | None]) -> str | None:
     """Why the (site-merged) launcher section `la` cannot run on any node of its partition, or None."""
     parts, default = cluster
-    name = la.get("partition") or default
-    if name not in parts:
-        return f"partition {name!r} is not one of the cluster's ({', '.join(sorted(parts))}): set launcher.partition"
-    nodes = parts[name]
+    names = (la.get("partition") or default or "").split(",")  # sbatch takes a list: the job runs in any of them
+    missing = [n for n in names if n not in parts]
+    if missing:
+        return (f"partition {missing[0]!r} is not one of the cluster's ({', '.join(sorted(parts))}): set "
+                "launcher.partition")
+    whys = [_misfit_in(la, n, parts[n]) for n in names]
+    return None if None in whys else whys[0]
+
+
+def _misfit_in(la: dict, name: str, nodes: list[Node]) -> str | None:
     tasks = la["tasks_per_node"] or max(1, la["gpus_per_node"] or 0)
     need = Node(tasks * (la["cpus_per_task"] or 1), int((la["mem_gb"] or 0) * 1024), la["gpus_per_node"] or 0)
     fits = [n for n in nodes if n.cpus >= need.cpus and n.mem_mb >= need.mem_mb and n.gpus >= need.gpus]

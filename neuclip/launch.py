@@ -186,6 +186,7 @@ def _submit_new(cfg: dict, kind: str = "train"):
     run_dir = Path(cfg["run_dir"])
     executor = cfg["launcher"]["executor"]
     ex = make_executor(cfg, kind)
+    work = stages.work_key(kind, cfg)  # the inputs as the job will read them: stamped before it can start
     job = ex.submit(Job(kind, cfg))
     if executor != "debug":
         name = job_name(cfg)
@@ -193,7 +194,7 @@ def _submit_new(cfg: dict, kind: str = "train"):
             run_dir,
             {
                 "kind": kind,
-                "work": stages.work_key(kind, cfg),  # what this job computes: a finished one is reused for it
+                "work": work,  # what this job computes: a finished one is reused for the same work
                 "executor": executor,
                 "job_id": str(job.job_id),
                 "job_name": name,

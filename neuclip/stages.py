@@ -83,9 +83,21 @@ def _stamps(paths) -> list:
     return out
 
 
+def code_fingerprint() -> str:
+    """sha256 of the harness's own source (neuclip/, baselines/): a finished job of older code is never reused,
+    whatever changed (an eval task's definition, the error pass, an estimator)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "neuclip").rglob("*.py"), *(root / "neuclip").rglob("*.yaml"),
+                        *(root / "baselines").glob("*.py")]):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def work_key(kind: str, cfg: dict) -> str | None:
-    """sha256 of what defines this job's result: its arguments but the run settings, and its inputs' stamps
-    (name, size, mtime). None for training (it has its own rule) and for a job that must not be reused."""
+    """sha256 of what defines this job's result: its arguments but the run settings, its inputs' stamps
+    (name, size, mtime) and the code (`code_fingerprint`). None for training (it has its own rule) and for a
+    job that must not be reused (`redo`)."""
     a = cfg.get("args")
     if kind not in SETTING_ARGS or a is None or a.get("redo"):
         return None
@@ -99,7 +111,7 @@ def work_key(kind: str, cfg: dict) -> str | None:
     except OSError:
         return None
     work = {k: v for k, v in a.items() if k not in SETTING_ARGS[kind]}
-    text = json.dumps({"kind": kind, "args": work, "inputs": inputs}, sort_keys=True)
+    text = json.dumps({"kind": kind, "args": work, "inputs": inputs, "code": code_fingerprint()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -109,7 +121,7 @@ def _result(folder: str | Path, job_id: str):
 
     try:
         return pickle_load(JobPaths(Path(folder), job_id=str(job_id), task_id=0).result_pickle)
-    except (OSError, EOFError, ValueError):
+    except Exception:  # noqa: BLE001  (missing, truncated or unreadable: no result to use)
         return None, None
 
 
@@ -133,7 +145,11 @@ def _write_output(kind: str, cfg: dict, value) -> Path | None:
         return out / "errors.csv"
     name, indent = OUTPUT_FILE[kind]
     if (out / name).exists():
-        return None
+        try:  # in place and the job's own (not another run's written there since): nothing to do
+            if json.loads((out / name).read_text()) == json.loads(json.dumps(value)):
+                return None
+        except (OSError, ValueError):
+            pass
     if not isinstance(value, dict):
         raise ValueError(f"the job's result cannot restore {out / name}")
     write_json(out / name, value, indent=indent)

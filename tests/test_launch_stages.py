@@ -202,3 +202,21 @@ def test_a_run_of_another_identity_is_moved_aside_only_when_asked(synth_data, tm
     assert yaml.safe_load((run / "config.yaml").read_text())["method"]["options"] == {"gamma": 0.5}
     assert (run / "done.json").exists()
     assert launch.launch(changed, supersede=True) == 0 and len(list((tmp_path / "runs").iterdir())) == 2  # same id
+
+
+def test_the_work_key_covers_arguments_inputs_and_code_but_not_settings(trained, monkeypatch):
+    """What a finished stage job may be reused for (neuclip/stages.py): the same arguments but run settings,
+    the same input files (name, size, mtime), the same code."""
+    from neuclip import stages
+
+    args = {"run": str(trained), "anchors": 16, "shards": None, "batch_size": 8}
+    key = stages.work_key("error-run", {"args": args})
+    assert key == stages.work_key("error-run", {"args": {**args, "batch_size": 64}})  # a run setting
+    assert key != stages.work_key("error-run", {"args": {**args, "anchors": 32}})
+    newest = sorted((trained / "checkpoints").iterdir())[-1]
+    os.utime(newest, ns=(newest.stat().st_atime_ns, newest.stat().st_mtime_ns + 1))  # a rewritten checkpoint
+    assert key != stages.work_key("error-run", {"args": args})
+    key = stages.work_key("error-run", {"args": args})
+    monkeypatch.setattr(stages, "code_fingerprint", lambda: "other code")
+    assert key != stages.work_key("error-run", {"args": args})
+    assert stages.work_key("eval", {"args": {"model_dir": str(trained / "model"), "redo": True}}) is None

@@ -57,6 +57,7 @@ def test_snakemake_dry_run_with_the_slurm_profile_passes_the_preflight():
 SINFO = """debug*|2|23081|gpu:fake:2
 big|64|512000|gpu:a100:8(S:0-1)
 big|64|512000|gpu:a100:8(S:0-1)
+odd|N/A|100|(null)
 """
 
 
@@ -64,7 +65,7 @@ def test_stage_requests_are_checked_against_the_cluster_nodes():
     from neuclip.cluster_fit import parse_sinfo
 
     cluster = parse_sinfo(SINFO)
-    assert cluster[1] == "debug" and [n.gpus for n in cluster[0]["big"]] == [8, 8]
+    assert cluster[1] == "debug" and [n.gpus for n in cluster[0]["big"]] == [8, 8] and "odd" not in cluster[0]
     tiny = slurm("tiny")
     assert preflight(tiny, cluster=cluster)  # the tiny pipeline fits the test cluster's node
     # the error sweep asks for more CPUs than a node has (seen: it pended for ever with reason PartitionConfig)
@@ -77,6 +78,7 @@ def test_stage_requests_are_checked_against_the_cluster_nodes():
     assert "stage train" in str(err.value) and "gpus_per_node" in str(err.value) and "cc3m" in str(err.value)
     # on the 8-GPU partition it fits; 4 nodes of it do not exist
     assert preflight(slurm("paper", resources={"partition": "big"}), cluster=cluster)
+    assert preflight(slurm("paper", resources={"partition": "debug,big"}), cluster=cluster)  # a list: any one
     with pytest.raises(PreflightError, match="asks for 4 nodes"):
         preflight(slurm("paper", resources={"partition": "big"}, per_dataset={"dfn1b": {"resources": {"nodes": 4}}}),
                   cluster=cluster)
