@@ -59,3 +59,10 @@ def write_section(path: str | Path, name: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     write_atomic(path, text)
+
+
+def publish(args, name: str, body: str) -> None:
+    """Print a benchmark's section and, with --write FILE, put it in that file (replacing its old one)."""
+    print(body)
+    if args.write:
+        write_section(args.write, name, body)

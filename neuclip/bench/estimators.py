@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from neuclip.bench.common import command_line, machine_line, matmul_rate, timeit, write_section
+from neuclip.bench.common import command_line, machine_line, matmul_rate, publish, timeit
 from neuclip.estimators import Batch, EstimatorContext, build_estimator, method_names
 
 
@@ -85,7 +85,5 @@ def run(args) -> int:
         ]
         lines += [f"| {b} | {ms:.1f} | {got:.1f} | {peak:.1f} | {frac:.2f} |" for b, ms, got, peak, frac in inner_rows]
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(args.write, f"estimators-{args.device}", "## Estimators (`neuclip bench estimators`)\n\n" + text)
+    publish(args, f"estimators-{args.device}", "## Estimators (`neuclip bench estimators`)\n\n" + text)
     return 0

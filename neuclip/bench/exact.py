@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from neuclip.bench.common import command_line, machine_line, timeit, write_section
+from neuclip.bench.common import command_line, machine_line, publish, timeit
 from neuclip.error_study.exact import CPU_CHUNK, exact_log_normalizers
 
 
@@ -114,7 +114,5 @@ def run(args) -> int:
         )
         print(lines[-1], flush=True)
     text_out = "\n".join(lines)
-    print(text_out)
-    if args.write:
-        write_section(args.write, "exact", "## Exact normalisers (`neuclip bench exact`)\n\n" + text_out)
+    publish(args, "exact", "## Exact normalisers (`neuclip bench exact`)\n\n" + text_out)
     return 0

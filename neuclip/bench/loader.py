@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neuclip.bench.common import command_line, machine_line, write_section
+from neuclip.bench.common import command_line, machine_line, publish
 
 
 def add_arguments(parser) -> None:
@@ -273,7 +273,5 @@ def run(args) -> int:
     best = _rates(args, shards, transform, tokenizer)
     stages = _stages(shards, transform, tokenizer, FastTrainTransform.match(transform))
     body = _markdown(args, best, stages, _resume_costs(work, args.resume_samples), _scale())
-    print(body)
-    if args.write:
-        write_section(args.write, "loader", body)
+    publish(args, "loader", body)
     return 0

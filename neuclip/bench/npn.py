@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from neuclip.bench.common import command_line, machine_line, write_section
+from neuclip.bench.common import command_line, machine_line, publish
 
 
 def add_arguments(parser) -> None:
@@ -239,9 +239,7 @@ def run(args) -> int:
     comm = _allreduce_seconds(comm_floats, t_u)
     precision = _precision(args, d)
     body = _markdown(args, d, b, fwd, model_step, loss, npn, times, comm, comm_floats, precision)
-    print(body)
-    if args.write:
-        write_section(args.write, "npn", body)
+    publish(args, "npn", body)
     return 0
 
 

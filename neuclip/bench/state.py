@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from neuclip.bench.common import command_line, machine_line, write_section
+from neuclip.bench.common import command_line, machine_line, publish
 
 GIB = 1024**3
 BASE_GIB = 0.6  # a tiny-vit trainer process without per-sample state (measured: about 0.5 GiB)
@@ -218,9 +218,7 @@ def run(args) -> int:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
     body = _markdown(rows, skipped, args)
-    print(body)
-    if args.write:
-        write_section(args.write, "state", body)
+    publish(args, "state", body)
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from neuclip.bench.common import command_line, machine_line, write_section
+from neuclip.bench.common import command_line, machine_line, publish
 
 CHUNK = 8192  # rows per chunk handed to the pass (an embedding loop's batches)
 
@@ -171,9 +171,7 @@ def run(args) -> int:
             memory.append((n, mode, m["before"], m["peak"]))
     shutil.rmtree(tmp, ignore_errors=True)
     body = _markdown(args, equal, memory)
-    print(body)
-    if args.write:
-        write_section(args.write, "streaming", body)
+    publish(args, "streaming", body)
     return 0
 
 
