@@ -22,11 +22,12 @@ from neuclip.estimators import Batch, EstimatorContext, build_estimator, method_
 B, D_IN, D, STEPS, N = 8, 6, 4, 3, 24
 
 
-def make_data():
-    gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(B, D_IN, generator=gen) for _ in range(STEPS)]
+def make_data(seed: int = 0, steps: int = STEPS, n: int = N):
+    """`steps` batches of B correlated (x, y) pairs with B distinct ids from [0, n)."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(B, D_IN, generator=gen) for _ in range(steps)]
     ys = [x + 0.3 * torch.randn(B, D_IN, generator=gen) for x in xs]
-    ids = [torch.randperm(N, generator=gen)[:B] for _ in range(STEPS)]
+    ids = [torch.randperm(n, generator=gen)[:B] for _ in range(steps)]
     return xs, ys, ids
 
 

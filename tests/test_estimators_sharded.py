@@ -19,34 +19,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from neuclip.estimators import Batch, EstimatorContext, build_estimator
 from neuclip.estimators.sharding import IdShards, reshard
-from tests.test_estimators_distributed import free_port
+from tests import test_estimators_distributed as distributed
+from tests.test_estimators_distributed import Encoder, free_port
 
-B, D_IN, D, STEPS, N = 8, 6, 4, 6, 40
+B, D, STEPS, N = distributed.B, distributed.D, 6, 40  # the batch and encoder of the 1-vs-2-process tests
 PER_SAMPLE = ["sogclr", "isogclr", "fastclip"]
 SHARDED_KEYS = {"a1", "a2", "tau1", "tau2", "m1", "m2", "v1", "v2", "visits"}
 
 
 def make_data():
-    gen = torch.Generator().manual_seed(3)
-    xs = [torch.randn(B, D_IN, generator=gen) for _ in range(STEPS)]
-    ys = [x + 0.3 * torch.randn(B, D_IN, generator=gen) for x in xs]
-    ids = [torch.randperm(N, generator=gen)[:B] for _ in range(STEPS)]
-    return xs, ys, ids
-
-
-class Encoder(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        gen = torch.Generator().manual_seed(1)
-        self.img = torch.nn.Parameter(torch.randn(D_IN, D, generator=gen))
-        self.txt = torch.nn.Parameter(torch.randn(D_IN, D, generator=gen))
-
-    def forward(self, x, y):
-        return F.normalize(x @ self.img, dim=1), F.normalize(y @ self.txt, dim=1)
+    return distributed.make_data(seed=3, steps=STEPS, n=N)
 
 
 def train(method, options, rank=0, world=1, dtype=torch.float32):
