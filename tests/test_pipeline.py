@@ -132,8 +132,9 @@ def _sacct(*args: str) -> list[list[str]]:
 
 
 def _frames(results: Path) -> dict[str, pd.DataFrame]:
-    """Every table the report writes, without the columns that are timings or paths (they differ by nature)."""
-    varying = re.compile(r"seconds|wall|samples_per|_s$|time|path|dir|host|created")
+    """Every table the report writes, without the columns that are timings or paths (they differ by nature) and
+    the config hash (of the whole config.yaml, whose launcher section, a run setting, differs by design)."""
+    varying = re.compile(r"seconds|wall|samples_per|_s$|time|path|dir|host|created|config hash")
     out = {}
     for csv in sorted((results / "tables").glob("*.csv")):
         frame = pd.read_csv(csv)
