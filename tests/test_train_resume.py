@@ -214,3 +214,11 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(synth_data, tmp_p
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [last]  # no step lost
     assert train(cfg)["steps"] == 40
+
+
+def test_checkpoint_comparison_is_bit_for_bit():
+    """tensors_equal compares bit patterns: an unvisited id's NaN state equals itself, -0.0 is not 0.0."""
+    state = torch.tensor([0.5, float("nan")])
+    assert tensors_equal({"a1": state}, {"a1": state.clone()}) == []
+    assert tensors_equal({"a1": state}, {"a1": torch.tensor([0.5, 1.0])}) == ["/a1"]
+    assert tensors_equal(torch.tensor([0.0]), torch.tensor([-0.0])) == [""]

@@ -64,12 +64,20 @@ def read_checkpoint(folder: str | Path, step: int) -> dict:
     return state
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A floating tensor as its bit patterns, so NaN (an unvisited id's state) equals NaN and -0 differs from 0."""
+    return t.contiguous().view(_INT_OF_SIZE[t.element_size()]) if t.is_floating_point() else t
+
+
 def tensors_equal(a, b, path: str = "") -> list[str]:
     """Paths at which two nested checkpoint structures differ (tensors compared bit for bit)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return [path]
-        same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
         return [] if same else [path]
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):
