@@ -69,8 +69,10 @@ def misfit(la: dict, cluster: tuple[dict[str, list[Node]], str | None]) -> str |
 
 
 def _misfit_in(la: dict, name: str, nodes: list[Node]) -> str | None:
-    tasks = la["tasks_per_node"] or max(1, la["gpus_per_node"] or 0)
-    need = Node(tasks * (la["cpus_per_task"] or 1), int((la["mem_gb"] or 0) * 1024), la["gpus_per_node"] or 0)
+    from neuclip.train.config import tasks_per_node
+
+    cpus = tasks_per_node(la) * (la["cpus_per_task"] or 1)
+    need = Node(cpus, int((la["mem_gb"] or 0) * 1024), la["gpus_per_node"] or 0)
     fits = [n for n in nodes if n.cpus >= need.cpus and n.mem_mb >= need.mem_mb and n.gpus >= need.gpus]
     biggest = max(nodes, key=lambda n: (n.gpus, n.cpus, n.mem_mb))
     if not fits:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from neuclip import stages
 from neuclip.jobs import final_checkpoint, job_name, live_job, record_attempt, write_job_record
+from neuclip.train.config import tasks_per_node
 from neuclip.waiter import wait
 
 __all__ = ["KINDS", "Job", "TrainJob", "launch", "make_executor", "submit", "wait"]
@@ -104,10 +105,6 @@ class TrainJob(Job):
         super().__init__("train", cfg)
 
 
-def _tasks(la: dict) -> int:
-    return la["tasks_per_node"] or max(1, la["gpus_per_node"] or 0)
-
-
 def slurm_parameters(cfg: dict) -> dict:
     """SlurmExecutor parameters from the launcher section: each key marked `x-slurm` in the schema passes
     as is; the rest are shaped here (GPUs with their type, memory, time limit, tasks, the job name)."""
@@ -115,7 +112,8 @@ def slurm_parameters(cfg: dict) -> dict:
 
     la = cfg["launcher"]
     params = {name["x-slurm"]: la[key] for key, name in LAUNCHER.items() if "x-slurm" in name and la[key] is not None}
-    params.update(job_name=job_name(cfg), ntasks_per_node=_tasks(la), time=int(math.ceil(la["timeout_min"] or 60)))
+    params.update(job_name=job_name(cfg), ntasks_per_node=tasks_per_node(la),
+                  time=int(math.ceil(la["timeout_min"] or 60)))
     gpus = la["gpus_per_node"] or 0
     if gpus:
         params["gpus_per_node"] = f"{la['gpu_type']}:{gpus}" if la["gpu_type"] else gpus
@@ -136,10 +134,10 @@ def make_executor(cfg: dict, kind: str = "train"):
     la = cfg["launcher"]
     executor = la["executor"]
     folder = Path(cfg["run_dir"]) / "submitit" / executor / "%j"
-    if not KINDS[kind].distributed and la["nodes"] * _tasks(la) > 1:
+    if not KINDS[kind].distributed and la["nodes"] * tasks_per_node(la) > 1:
         raise ConfigError(
             f"{KINDS[kind].command} runs as one task, but its launcher asks for {la['nodes']} node(s) x "
-            f"{_tasks(la)} task(s): set tasks_per_node: 1 and nodes: 1 for this stage"
+            f"{tasks_per_node(la)} task(s): set tasks_per_node: 1 and nodes: 1 for this stage"
         )
     max_timeouts = la["max_num_timeout"] if la["max_num_timeout"] is not None else 3
     if executor == "debug":
@@ -149,7 +147,7 @@ def make_executor(cfg: dict, kind: str = "train"):
             raise ConfigError("launcher.nodes must be 1 with the local executor")
         ex = submitit.LocalExecutor(folder, max_num_timeout=max_timeouts)
         params = {
-            "tasks_per_node": _tasks(la),
+            "tasks_per_node": tasks_per_node(la),
             "gpus_per_node": la["gpus_per_node"] or 0,
             "timeout_min": float(la["timeout_min"] or 60),
         }

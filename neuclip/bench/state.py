@@ -89,9 +89,7 @@ def _shards(folder: Path, samples: int, data_size: int) -> str:
     for k, start in enumerate(range(0, samples, 64)):
         made = []
         for i, sid in zip(range(start, start + 64), ids[start : start + 64]):
-            _, fields, meta = _train_sample(i, 0, width, 32)
-            key = f"{sid:0{width}d}"
-            fields["json"] = json.dumps({**meta, "key": key}, indent=4).encode()
+            key, fields, _ = _train_sample(i, 0, 32, f"{sid:0{width}d}")
             made.append((key, fields))
         sizes[f"{k:05d}.tar"] = write_tar(folder / f"{k:05d}.tar", made)
     (folder / "sizes.json").write_text(json.dumps(sizes))

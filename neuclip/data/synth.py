@@ -249,14 +249,11 @@ I2D_FIELDS = ("caption", "url", "key", "status", "error_message", "width", "heig
 ATTRIBUTES = ("background", "objects")
 
 
-def _train_sample(
-    i: int, seed: int, width: int, image_size: int, key: str | None = None
-) -> tuple[str, dict[str, bytes], dict]:
-    """Sample i of the train stream under `key` (default: i in `width` digits); the content depends on i only."""
+def _train_sample(i: int, seed: int, image_size: int, key: str) -> tuple[str, dict[str, bytes], dict]:
+    """Sample i of the train stream under `key`; the content depends on i only."""
     rng = _rng(seed, "train", i)
     scene = sample_scene(rng)
     caption = captions(scene, rng)[0]
-    key = f"{i:0{width}d}" if key is None else key
     jpg = _encode(render(scene, image_size, rng), "jpg")
     meta = scene.attributes()  # img2dataset's save_additional_columns sit before its own fields
     meta.update(caption=caption, url=f"synth:{seed}/{i}", key=key, status="success", error_message=None)
@@ -285,7 +282,7 @@ def _write_train(out: Path, num: int, seed: int, shard_size: int, image_size: in
     layout = contiguous_rows(num, shard_size)
     for shard, rows in layout:
         name, start = f"{shard:05d}.tar", shard * shard_size
-        made = [_train_sample(start + row, seed, 0, image_size, key=img2dataset_key(shard, row, shard_size))
+        made = [_train_sample(start + row, seed, image_size, img2dataset_key(shard, row, shard_size))
                 for row in range(rows)]  # fmt: skip
         count = write_tar(out / name, ((key, fields) for key, fields, _ in made))
         _write_parquet(out / f"{shard:05d}.parquet", [meta for _, _, meta in made])

@@ -361,13 +361,17 @@ def launcher_section(given: dict, base: Path | None = None, where: str = "--laun
     return la
 
 
+def tasks_per_node(la: dict) -> int:
+    """Processes a launcher section starts on each node: tasks_per_node, by default one per GPU (at least one)."""
+    return int(la["tasks_per_node"] or max(1, la["gpus_per_node"] or 0))
+
+
 def world_size(la: dict) -> int:
     """Training processes of a (site-merged) launcher section: inprocess is one process; otherwise nodes x
-    tasks per node, where tasks default to one per GPU (the launcher's rule)."""
+    tasks per node."""
     if la["executor"] == "inprocess":
         return 1
-    tasks = la["tasks_per_node"] or max(1, la["gpus_per_node"] or 0)
-    return int(la["nodes"]) * int(tasks)
+    return int(la["nodes"]) * tasks_per_node(la)
 
 
 def identity_diff(a: dict, b: dict) -> list[str]:
