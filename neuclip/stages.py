@@ -14,6 +14,7 @@ while nobody waits: the rerun then deletes that output as incomplete. So the lau
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,8 +23,8 @@ from pathlib import Path
 
 # Arguments that do not change a stage's result (run settings, like the train config's x-setting keys).
 SETTING_ARGS = {"eval": {"batch_size", "workers"}, "error-run": {"batch_size"}, "error-sweep": {"jobs"}}
-# The file each kind's work ends by writing (and its JSON indent), which is also what its job returns.
-OUTPUT_FILE = {"train": ("done.json", 2), "eval": ("summary.json", 1), "error-run": ("error.json", 2)}
+# The file eval and error-run jobs end by writing (and its JSON indent), which is also what the job returns.
+OUTPUT_FILE = {"eval": ("summary.json", 1), "error-run": ("error.json", 2)}
 
 
 # -- the work (called inside the job) --------------------------------------------------------------------
@@ -83,6 +84,7 @@ def _stamps(paths) -> list:
     return out
 
 
+@functools.cache  # the source does not change under a running command (work_key is asked twice a launch)
 def code_fingerprint() -> str:
     """sha256 of the harness's own source (neuclip/, baselines/): a finished job of older code is never reused,
     whatever changed (an eval task's definition, the error pass, an estimator)."""
@@ -157,7 +159,8 @@ def _write_output(kind: str, cfg: dict, value) -> Path | None:
 
 
 def restore_output(kind: str, cfg: dict, job) -> int:
-    """After a successful job: rewrite its output from its result if it is missing (see the module doc)."""
+    """After a successful job: rewrite its output from its result if it is missing or not the job's (see the
+    module doc)."""
     from neuclip.launch import KINDS
 
     outcome, value = _result(job.paths.folder, job.job_id)
@@ -191,7 +194,7 @@ def reuse_finished(kind: str, cfg: dict) -> int | None:
     what = f"restored {written} from its result" if written else "its outputs are in place"
     print(f"{KINDS[kind].command}: job {record['job_id']} already did this work; {what}, no new job",
           file=sys.stderr, flush=True)
-    if outcome == "success" and isinstance(value, dict) and kind != "error-sweep":
+    if isinstance(value, dict) and kind != "error-sweep":
         print(json.dumps(value), flush=True)
     return 0
 
