@@ -27,5 +27,6 @@ class SogCLR(GlobalContrastive):
     }
 
     def __init__(self, cfg: dict, ctx: EstimatorContext):
-        cfg = {**cfg, "tau_min": 0.01, "tau_lr_threshold": 0.0, "lr_tau": None}  # tau is fixed: never stepped
+        # tau is fixed: never stepped, so the temperature's schedule keys are placeholders
+        cfg = {**cfg, "tau_min": 0.01, "tau_lr_threshold": 0.0, "lr_tau": None, "tau_schedule": "step_thresh"}
         super().__init__(cfg, ctx, objective="gcl", learn_tau=False)

@@ -34,8 +34,14 @@ def test_groups_exclude_gains_biases_and_take_estimator_groups_as_given():
     assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-6
     assert len(decay) + len(no_decay) == sum(p.requires_grad for p in model.parameters())
 
+    # the model's schedule scales the encoder groups; the temperature's step_thresh group takes only its factor
     set_lr(opt, 0.5, {"tau": 1 / 3})
-    assert groups["decay"]["lr"] == pytest.approx(5e-4) and groups["tau"]["lr"] == pytest.approx(2e-4 * 0.5 / 3)
+    assert groups["decay"]["lr"] == pytest.approx(5e-4) and groups["tau"]["lr"] == pytest.approx(2e-4 / 3)
+    est = build_estimator("fastclip", {"lr_tau": 2e-4, "tau_schedule": "model_cosine"},
+                          EstimatorContext(embed_dim=32, data_size=10))
+    opt = build_optimizer(model, est, {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6})
+    set_lr(opt, 0.5, {"tau": 1 / 3})
+    assert next(g for g in opt.param_groups if g["name"] == "tau")["lr"] == pytest.approx(2e-4 * 0.5 / 3)
 
 
 def test_warmup_then_cosine_to_zero():

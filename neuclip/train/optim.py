@@ -2,7 +2,9 @@
 
 The schedule is a pure function of the step (as open_clip's `cosine_lr`), so resuming needs only the step.
 Each group keeps its own `base_lr`; every step sets lr = base_lr * schedule(step) * the estimator's factor
-for that group (FastCLIP's lr_tau / 3 below tau 0.03, for instance).
+for that group (FastCLIP's lr_tau / 3 while tau <= 0.03, for instance). A group an estimator declares with
+`follows_model_schedule: False` (the public `step_thresh` temperature) takes no schedule multiplier: its lr is
+base_lr * factor, constant but for the factor.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, multiplier: float, factors: dict[str, float]) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * multiplier * float(factors.get(g["name"], 1.0))
+        scale = multiplier if g.get("follows_model_schedule", True) else 1.0
+        g["lr"] = g["base_lr"] * scale * float(factors.get(g["name"], 1.0))
 
 
 def optimized_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
