@@ -6,8 +6,11 @@ the positive term's weight c (`pos_coef`), per anchor and modality:
     batch sum       log Z_k_i = log( sum_{j != i} exp(z_kij) + c exp(z_kii) )      (detached, global batch)
     lambda target   log T_k_i = log( beta_E exp(log lambda_prev_k(i)) + (1 - beta_E) Z_k_i )   (fit_w_prev)
                               = log Z_k_i                                                       (ema)
-    lambda loss     MSE(log lambda_k(i), log T_k_i), `inner_steps` Adam steps per batch on the online nets
-    encoder weight  fit_w_prev: T_k_i itself;  ema: the EMA net's lambda_k(i)
+    lambda loss     MSE(log lambda_k(i), log T_k_i), `inner_steps` Adam steps per batch on the online nets,
+                    each with the nets' gradient norm clipped to `lambda_grad_clip` (the README's
+                    --grad-clip-norm 1.0, which the public code applies to the lambda-nets too)
+    encoder weight  fit_w_prev: T_k_i itself;  ema: the EMA net's lambda_k(i), queried before this step's EMA
+                    update as the public code does (`ema_query: after_update` is the former order)
     encoder loss    tau_det * [ -2 mean_i z_ii + sum_k mean_i sum_j exp(z_kij + [j = i] log c) / w_k_i ] + rho tau
                     (+ tau * (mean_i(log w_1i + log w_2i) - 2 log B - 2 mean_i z_ii), detached, with adaptive_tau)
 
@@ -18,8 +21,9 @@ recovered only where alpha is used (the error study): alpha_i = log lambda_i - z
 Schedules, per epoch E as in the public code: beta_E rises by a half cosine from 0 (epoch 0) to beta_max over
 `beta_decay_epochs`; at each epoch start the EMA net is frozen as lambda_prev, then the online nets are
 re-initialised (every `reinit_every_epochs`) with a fresh Adam and the EMA copied from them; the EMA follows
-the online nets every `ema_every` steps with decay `ema_decay` (fit_w_prev) or with the beta_E schedule (ema
-mode, the public code without --fit_w_prev). rho may follow `rho_list` (equal segments of the run, as the
+the online nets at every `ema_every`-th step of the epoch (counted from 0 at the epoch start, as the public
+code counts) with decay `ema_decay` (fit_w_prev) or with the beta_E schedule (ema mode, the public code without
+--fit_w_prev). rho may follow `rho_list` (equal segments of the run, as the
 public --rho_list). The temperature is open_clip's logit_scale = log(1/tau), learned at lr_tau as the public
 code does. Lambda-nets are residual MLPs in float32 (hidden factor `mlp_factor`: 0.5 on CC3M, 1.0 on CC12M),
 updated on the whole gathered batch on every rank (replicated, identical).
@@ -27,7 +31,8 @@ updated on the whole gathered batch on every rank (replicated, identical).
 Choices (docs/methods.md): a fixed number of lambda steps (the public code may stop early on a tolerance);
 each re-initialised net's output bias starts at its first batch's mean target, so that a net that has seen
 few batches is not off by log B; B in the adaptive-tau term is the global batch (the public code uses the
-per-GPU batch, equal on one GPU).
+per-GPU batch, equal on one GPU); the lambda-nets' Adam keeps `lambda_lr` after a re-initialisation (the public
+code multiplies it by the world size there).
 """
 
 from __future__ import annotations
@@ -90,7 +95,13 @@ class AmorLIP(LearnableTemperature, InnerOptimizer, Estimator):
         "lambda_lr": number(1e-3, "Adam lr of the lambda-nets", exclusive_minimum=0),
         "ema_decay": number(0.92, "fit_w_prev: EMA decay of the lambda-nets (public --model_ema_beta)",
                             minimum=0, maximum=1),
-        "ema_every": integer(2, "steps between EMA updates (public --update_ema_mlps_every_n_steps)", minimum=1),
+        "ema_every": integer(2, "EMA update at every n-th step of an epoch (public --update_ema_mlps_every_n_steps)",
+                             minimum=1),
+        "ema_query": choice("before_update", ("before_update", "after_update"),
+                            "ema mode: the encoder's weight from the EMA nets before this step's EMA update (public) "
+                            "or after it (before 2026-12-06)"),
+        "lambda_grad_clip": number(1.0, "clip of the lambda-nets' gradient norm per inner step (README "
+                                   "--grad-clip-norm 1.0); null = none", exclusive_minimum=0, nullable=True),
         "beta_max": number(0.8, "final beta of the target mixing (fit_w_prev) or EMA decay (ema)", minimum=0,
                            maximum=1),
         "beta_decay_epochs": number(None, "epochs for beta to reach beta_max; null = half the run",
@@ -108,6 +119,7 @@ class AmorLIP(LearnableTemperature, InnerOptimizer, Estimator):
         self.prev = copy.deepcopy(self.online).requires_grad_(False)  # frozen EMA snapshot of the epoch start
         self.register_buffer("iteration", torch.tensor(0))
         self.register_buffer("epoch", torch.tensor(0))
+        self.register_buffer("epoch_step", torch.tensor(0))  # steps since the epoch began (the EMA cadence)
         self.register_buffer("needs_bias_init", torch.tensor(True))
         self.register_buffer("train_batch", torch.tensor(0))  # global batch B, for alpha's log(B - 1)
 
@@ -132,6 +144,7 @@ class AmorLIP(LearnableTemperature, InnerOptimizer, Estimator):
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch.fill_(epoch)
+        self.epoch_step.fill_(0)
         device = next(self.online.parameters()).device
         self.prev.load_state_dict(self.target.state_dict())
         every = int(self.cfg["reinit_every_epochs"])
@@ -167,11 +180,13 @@ class AmorLIP(LearnableTemperature, InnerOptimizer, Estimator):
                 opt.zero_grad(set_to_none=True)
                 pred1, pred2 = self.online(all_image, all_text, None, None, 0.0)
                 (((pred1 - targets[0]) ** 2).mean() + ((pred2 - targets[1]) ** 2).mean()).backward()
+                if self.cfg["lambda_grad_clip"] is not None:
+                    torch.nn.utils.clip_grad_norm_(self.online.parameters(), float(self.cfg["lambda_grad_clip"]))
                 opt.step()
 
     @torch.no_grad()
     def _update_ema(self, epoch: int) -> None:
-        if int(self.iteration) % int(self.cfg["ema_every"]) != 0:
+        if int(self.epoch_step) % int(self.cfg["ema_every"]) != 0:
             return
         decay = self.cfg["ema_decay"] if self.cfg["mode"] == "fit_w_prev" else self.beta(epoch)
         for p_t, p_o in zip(self.target.parameters(), self.online.parameters()):
@@ -190,8 +205,9 @@ class AmorLIP(LearnableTemperature, InnerOptimizer, Estimator):
         beta = self.beta(epoch)
         targets = self._targets(all_image, all_text, scale_now, beta, log_c)
         self._fit_lambda(all_image, all_text, targets)
-        self._update_ema(epoch)
-        self.iteration += 1
+        query_first = self.cfg["ema_query"] == "before_update"
+        if not query_first:
+            self._update_ema(epoch)
 
         local = slice(view.offset, view.offset + batch.image.shape[0])
         with torch.no_grad():
@@ -199,6 +215,10 @@ class AmorLIP(LearnableTemperature, InnerOptimizer, Estimator):
                 log_w1, log_w2 = targets[0][local], targets[1][local]
             else:
                 log_w1, log_w2 = self.target(all_image[local], all_text[local], None, None, 0.0)
+        if query_first:
+            self._update_ema(epoch)
+        self.iteration += 1
+        self.epoch_step += 1
         loss, value, stats = self._encoder_loss(view, tau, log_w1, log_w2, log_c, epoch)
         stats.update({"beta": beta, "log_lambda1_mean": float(log_w1.mean()), "log_lambda2_mean": float(log_w2.mean())})
         return StepOutput(gradient_neutral(loss, value), stats)

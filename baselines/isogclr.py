@@ -3,25 +3,37 @@
     objective: 1/n sum_i [ tau1_i (log(eps + g1_i(tau1_i)) + rho) + tau2_i (log(eps + g2_i(tau2_i)) + rho) ]
     h_ij = (s_ij - s_ii) / tau_i, per-sample state u_k[i] tracked at the sample's current tau_k[i].
 
-Encoder gradient (FCCO): tau_i grad g_hat_i / u_i = sum_j w_ij grad (s_ij - s_ii), w_ij = exp(h_ij - a_i)/(B-1).
-Temperature gradient per sample (docs/method.md §3): -sum_j w_ij h_ij + a_i + rho, clamped to +-grad_clip, fed to a
-per-sample Adam (bias-corrected with the sample's own visit count), tau projected onto [tau_min, tau_max].
+As the public fast_clip code (`FastCLIPLossIndividual`) does it, by default:
+- encoder gradient (`encoder_weight: public`): grad g_hat_i / u_i = sum_j w_ij grad (s_ij - s_ii) / tau_i with
+  w_ij = exp(h_ij - a_i)/(B-1), the gradient of log g_i at the sample's fixed tau_i. `tau_scaled` multiplies
+  each anchor's term by tau_i, the gradient of the objective as written (this project's form before 2026-12-06;
+  it reweights anchors by their temperature).
+- temperatures (`tau_adam: public`): the gradient -sum_j w_ij h_ij + a_i + rho (new a, old tau), clamped to
+  +-tau_grad_clip, feeds a per-sample Adam whose betas are 0 throughout epoch 0 (so its step is
+  tau_lr g / (|g| + eps)) and `tau_betas` from epoch 1 on, bias-corrected by the epoch: m / (1 - beta1^(E+1)),
+  E the integer epoch. `per_visit` uses the betas from the first visit and bias-corrects by the sample's own
+  visit count (the former form); the two agree on a sample's first visit and part from epoch 1 on.
+  tau is projected onto [tau_min, tau_max].
 Temperatures are estimator state, not encoder parameters: like u, they are updated for the whole global batch
 from all-gathered gradients, by the rank that stores each id (`state_placement`, baselines/per_sample.py). The
 reported temperature (logs, the exported logit scale) is the mean tau over visited samples and modalities, kept
 as a running sum and count (so it needs no pass over, or collective on, the whole state); the sum is in int64
 fixed point (units of 2^-26), so it is exact and the same for any world size and summation order. Its normaliser
 estimates live at per-sample temperatures, so the error study (which uses one global tau) does not score it.
+Not followed (docs/methods.md): the public code forces gamma = 1 throughout epoch 0 under a constant schedule
+too, and its encoder loss carries a global factor 1/2 (an AdamW step is nearly invariant to it).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from baselines.per_sample import PerSampleEstimator
 from neuclip.estimators.base import Batch, EstimatorContext, StepOutput
 from neuclip.estimators.ops import GlobalView, fcco_weights, gather_no_grad, gradient_neutral, log_eps_g
-from neuclip.estimators.options import fraction_pair, number
+from neuclip.estimators.options import choice, fraction_pair, number
 from neuclip.estimators.sharding import read_batch, share_updates
 
 
@@ -45,6 +57,12 @@ class ISogCLR(PerSampleEstimator):
         "tau_betas": fraction_pair((0.9, 0.999), "per-sample Adam betas"),
         "tau_adam_eps": number(1e-8, "per-sample Adam epsilon", exclusive_minimum=0),
         "tau_grad_clip": number(5.0, "clamp of the per-sample temperature gradient", exclusive_minimum=0),
+        "tau_adam": choice("public", ("public", "per_visit"),
+                           "public: betas 0 in epoch 0, bias correction by epoch (fast_clip); per_visit: betas from "
+                           "the first visit, bias correction by visit count (before 2026-12-06)"),
+        "encoder_weight": choice("public", ("public", "tau_scaled"),
+                                 "public: grad log g_i at fixed tau_i (fast_clip); tau_scaled: times tau_i, the "
+                                 "objective's own gradient (before 2026-12-06)"),
     }
 
     @classmethod
@@ -85,13 +103,16 @@ class ISogCLR(PerSampleEstimator):
         gamma = self.gamma(batch.epoch)
         a1, a2 = self.update_state(view, log_eps_g(h1, view.mask, eps), log_eps_g(h2, view.mask, eps), gamma)
         w1, w2 = fcco_weights(h1, view.mask, a1), fcco_weights(h2, view.mask, a2)
-        surrogate = ((w1 * d1).sum(1) + (w2 * d2).sum(1)).mean()
+        if self.cfg["encoder_weight"] == "public":
+            surrogate = ((w1 * d1).sum(1) / tau1 + (w2 * d2).sum(1) / tau2).mean()
+        else:
+            surrogate = ((w1 * d1).sum(1) + (w2 * d2).sum(1)).mean()
         with torch.no_grad():
             value = (tau1 * (a1 + rho) + tau2 * (a2 + rho)).mean()
             clip = self.cfg["tau_grad_clip"]
             grad1 = (a1 - (w1 * h1).sum(1) + rho).clamp(-clip, clip)
             grad2 = (a2 - (w2 * h2).sum(1) + rho).clamp(-clip, clip)
-            self._update_temperatures(view.all_ids, gather_no_grad(grad1), gather_no_grad(grad2))
+            self._update_temperatures(view.all_ids, gather_no_grad(grad1), gather_no_grad(grad2), batch.epoch)
         stats = {
             "tau": float(torch.cat([tau1, tau2]).mean()),
             "gamma": gamma,
@@ -101,7 +122,8 @@ class ISogCLR(PerSampleEstimator):
         return StepOutput(gradient_neutral(surrogate, value), stats)
 
     @torch.no_grad()
-    def _update_temperatures(self, ids: torch.Tensor, grad1: torch.Tensor, grad2: torch.Tensor) -> None:
+    def _update_temperatures(self, ids: torch.Tensor, grad1: torch.Tensor, grad2: torch.Tensor,
+                             epoch: float) -> None:
         """Per-sample Adam for the global batch's ids, each applied by the rank that stores it."""
         ids = ids.to(self.tau1.device)
         own = self.layout.owned(ids)
@@ -109,7 +131,13 @@ class ISogCLR(PerSampleEstimator):
         beta1, beta2 = self.cfg["tau_betas"]
         first = self.visits[slots] == 0
         self.visits[slots] += 1
-        t = self.visits[slots].to(self.tau1.dtype)
+        if self.cfg["tau_adam"] == "public":
+            whole_epoch = math.floor(epoch)
+            if whole_epoch == 0:
+                beta1, beta2 = 0.0, 0.0
+            t = torch.full_like(self.tau1[slots], whole_epoch + 1)
+        else:
+            t = self.visits[slots].to(self.tau1.dtype)
         change = torch.zeros(2, dtype=torch.int64, device=self.tau1.device)  # d(sum of tau), d(count)
         for k, grad in ((1, grad1), (2, grad2)):
             tau, m, v = getattr(self, f"tau{k}"), getattr(self, f"m{k}"), getattr(self, f"v{k}")

@@ -152,21 +152,30 @@ def test_per_sample_gcl_and_rgclg(method, opts, objective, learn_tau, B, d, tau)
             assert est.tau.grad is None and est.param_groups() == []
 
 
+ISOGCLR_EPOCHS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]  # revisits within epoch 0 and across epochs
+
+
+@pytest.mark.parametrize("tau_adam,encoder_weight", [("public", "public"), ("per_visit", "tau_scaled")])
 @pytest.mark.parametrize("B,d,tau", CASES)
-def test_isogclr_per_sample_temperatures(B, d, tau):
+def test_isogclr_per_sample_temperatures(B, d, tau, tau_adam, encoder_weight):
+    """public (fast_clip's FastCLIPLossIndividual): the per-sample Adam has betas 0 throughout epoch 0 and is
+    bias-corrected by the epoch, E + 1; the encoder's gradient is that of log g_i at fixed tau_i. The former
+    forms: betas from the first visit with the visit count, and that gradient times tau_i."""
     gen = torch.Generator().manual_seed(200 + B)
     data_size = B + B // 2
     rho, lr, (b1, b2), clip = 6.5, 1e-2, (0.9, 0.999), 5.0
-    cfg = {"tau_init": tau, "eps": EPS, "gamma": 0.6, "rho": rho, "tau_lr": lr, "state_dtype": "float64"}
+    cfg = {"tau_init": tau, "eps": EPS, "gamma": 0.6, "rho": rho, "tau_lr": lr, "state_dtype": "float64",
+           "tau_adam": tau_adam, "encoder_weight": encoder_weight}
     est = build_estimator("isogclr", cfg, EstimatorContext(embed_dim=d, data_size=data_size)).double()
     u = {1: [None] * data_size, 2: [None] * data_size}
     taus = {k: [tau] * data_size for k in (1, 2)}
     m = {k: [0.0] * data_size for k in (1, 2)}
     v = {k: [0.0] * data_size for k in (1, 2)}
     visits = [0] * data_size
-    for t, ids in enumerate(id_schedule(B, 3, gen)):
+    for t, ids in enumerate(id_schedule(B, len(ISOGCLR_EPOCHS), gen)):
+        epoch = ISOGCLR_EPOCHS[t]
         e1, e2 = ref.correlated_pair(B, d, gen)
-        out, gx, gy = step(est, e1, e2, ids, t, 0.0)
+        out, gx, gy = step(est, e1, e2, ids, t, epoch)
         x, y = e1.clone().requires_grad_(True), e2.clone().requires_grad_(True)
         idl = ids.tolist()
         for i in idl:
@@ -179,16 +188,21 @@ def test_isogclr_per_sample_temperatures(B, d, tau):
             for i, val in zip(idl, new):
                 u[k][i] = val
             U = torch.stack(new)
-            surrogate = surrogate + (tk * g / U).mean()
+            surrogate = surrogate + ((g / U) if encoder_weight == "public" else (tk * g / U)).mean()
             value = value + (tk * (U.log() + rho)).mean()
             for row, i in enumerate(idl):  # per-sample Adam on the clamped temperature gradient
                 a, o = anchor.detach()[row], other.detach()
                 h = [(a @ o[j] - a @ o[row]) / tk[row] for j in range(B) if j != row]
                 grad = float(U[row].log() - sum(torch.exp(hj) * hj for hj in h) / ((B - 1) * U[row]) + rho)
                 grad = max(-clip, min(clip, grad))
-                m[k][i] = b1 * m[k][i] + (1 - b1) * grad
-                v[k][i] = b2 * v[k][i] + (1 - b2) * grad * grad
-                m_hat, v_hat = m[k][i] / (1 - b1 ** visits[i]), v[k][i] / (1 - b2 ** visits[i])
+                if tau_adam == "public":
+                    beta1, beta2 = (0.0, 0.0) if epoch < 1 else (b1, b2)
+                    count = math.floor(epoch) + 1
+                else:
+                    (beta1, beta2), count = (b1, b2), visits[i]
+                m[k][i] = beta1 * m[k][i] + (1 - beta1) * grad
+                v[k][i] = beta2 * v[k][i] + (1 - beta2) * grad * grad
+                m_hat, v_hat = m[k][i] / (1 - beta1**count), v[k][i] / (1 - beta2**count)
                 taus[k][i] = min(1.0, max(0.01, taus[k][i] - lr * m_hat / (math.sqrt(v_hat) + 1e-8)))
             close(getattr(est, f"a{k}")[ids], U.log())
             close(getattr(est, f"tau{k}")[ids], torch.tensor([taus[k][i] for i in idl], dtype=torch.float64))
@@ -196,6 +210,27 @@ def test_isogclr_per_sample_temperatures(B, d, tau):
         close(out.loss.detach(), value)
         close(gx, x.grad)
         close(gy, y.grad)
+
+
+def test_isogclr_public_and_former_forms_part_after_epoch_0():
+    """The two temperature optimisers agree on a sample's first visit and differ from epoch 1 on; the two encoder
+    weights differ by the per-anchor factor tau_i (so at one tau for every sample, by that constant)."""
+    B, d, tau = 6, 4, 0.05
+    gen = torch.Generator().manual_seed(3)
+    batches = [ref.correlated_pair(B, d, gen) for _ in range(2)]
+    results = {}
+    for form in (("public", "public"), ("per_visit", "tau_scaled")):
+        cfg = {"tau_init": tau, "eps": EPS, "rho": 6.5, "tau_lr": 1e-2, "state_dtype": "float64",
+               "tau_adam": form[0], "encoder_weight": form[1]}
+        est = build_estimator("isogclr", cfg, EstimatorContext(embed_dim=d, data_size=B)).double()
+        _, gx, _ = step(est, *batches[0], torch.arange(B), 0, 0.0)
+        first = est.tau1.clone()
+        step(est, *batches[1], torch.arange(B), 1, 1.0)
+        results[form[0]] = (gx, first, est.tau1.clone())
+    (gx_pub, first_pub, second_pub), (gx_old, first_old, second_old) = results["public"], results["per_visit"]
+    close(gx_old, tau * gx_pub, rtol=1e-12)
+    assert torch.equal(first_pub, first_old)
+    assert (second_pub - second_old).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("tau_grad", ["exact", "public"])
@@ -331,19 +366,68 @@ def test_amorlip_later_epochs_mix_the_frozen_snapshot():
     close(gy, y.grad, rtol=1e-5)
 
 
-def test_amorlip_ema_mode_weights_are_the_ema_nets():
+@pytest.mark.parametrize("ema_query", ["before_update", "after_update"])
+def test_amorlip_ema_mode_reads_then_updates_the_ema_nets(ema_query):
+    """ema mode, as the public code orders a step: lambda-net fit, the encoder's weight from the EMA nets, then
+    the EMA update p_ema <- beta_E p_ema + (1 - beta_E) p_online at every ema_every-th step of the epoch (counted
+    from the epoch start). `after_update`, the former order, reads the nets after that update."""
     B, d, tau, rho, c = 8, 5, 0.1, 6.5, 1e-3
     gen = torch.Generator().manual_seed(8)
-    est = amorlip({"tau_init": tau, "rho": rho, "pos_coef": c, "mode": "ema"}, d, B)
+    est = amorlip({"tau_init": tau, "rho": rho, "pos_coef": c, "mode": "ema", "ema_every": 2,
+                   "beta_decay_epochs": 2, "ema_query": ema_query, "reinit_every_epochs": 0}, d, B)
     est.on_epoch_start(0)
-    for t in range(2):
+    step(est, *ref.correlated_pair(B, d, gen), torch.arange(B), 0, 0.0)
+    est.on_epoch_start(1)  # beta_1 = beta_max / 2 = 0.4; the nets are kept (no re-initialisation)
+    beta = 0.4
+    for t in range(3):
         e1, e2 = ref.correlated_pair(B, d, gen)
-        out, gx, gy = step(est, e1, e2, torch.arange(B), t, 0.0)
-        lam1, lam2 = (p.double().detach() for p in est.target(e1, e2, None, None, 0.0))
+        ema_before = [p.detach().double().clone() for p in est.target.parameters()]
+        lam_before = [p.double().detach() for p in est.target(e1, e2, None, None, 0.0)]
+        out, gx, gy = step(est, e1, e2, torch.arange(B), 1 + t, 1.0 + t / 10)
+        online = [p.detach().double() for p in est.online.parameters()]
+        expected = [beta * e + (1 - beta) * o for e, o in zip(ema_before, online)] if t % 2 == 0 else ema_before
+        for p, want in zip(est.target.parameters(), expected):
+            close(p.detach(), want, rtol=1e-6)
+        lam_after = [p.double().detach() for p in est.target(e1, e2, None, None, 0.0)]
+        lam1, lam2 = lam_before if ema_query == "before_update" else lam_after
         x, y = e1.clone().requires_grad_(True), e2.clone().requires_grad_(True)
         ref.amorlip_encoder_loss(x, y, torch.tensor(tau, dtype=torch.float64), lam1, lam2, c, rho).backward()
         close(gx, x.grad, rtol=1e-5)
         close(gy, y.grad, rtol=1e-5)
+        if t % 2 == 0:  # the two orders differ where an update happened
+            other = lam_after if ema_query == "before_update" else lam_before
+            assert (other[0] - lam1).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_amorlip_lambda_steps_clip_the_nets_gradient_norm(clip):
+    """Each inner Adam step of the lambda-nets clips their gradient norm to lambda_grad_clip (README 1.0), as the
+    public code's --grad-clip-norm does: replayed on a copy of the nets with torch's Adam and clip_grad_norm_."""
+    import copy
+
+    B, d, tau, c = 8, 5, 0.1, 1e-3
+    gen = torch.Generator().manual_seed(11)
+    est = amorlip({"tau_init": tau, "pos_coef": c, "lambda_lr": 0.05, "lambda_grad_clip": clip}, d, B)
+    est.on_epoch_start(0)
+    step(est, *ref.correlated_pair(B, d, gen), torch.arange(B), 0, 0.0)  # after the bias initialisation
+    nets = copy.deepcopy(est.online)
+    opt = torch.optim.Adam(nets.parameters(), lr=0.05)
+    opt.load_state_dict(copy.deepcopy(est.inner_optimizer().state_dict()))  # load_state_dict shares tensors
+    e1, e2 = ref.correlated_pair(B, d, gen)
+    targets = (ref.log_batch_sum(e1, e2, tau, c), ref.log_batch_sum(e2, e1, tau, c))  # epoch 0: beta = 0
+    norms = []
+    for _ in range(3):
+        opt.zero_grad()
+        p1, p2 = nets(e1, e2, None, None, 0.0)
+        (((p1 - targets[0]) ** 2).mean() + ((p2 - targets[1]) ** 2).mean()).backward()
+        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in nets.parameters()])))
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(nets.parameters(), clip)
+        opt.step()
+    assert max(norms) > 1.0  # the clip is active in this case
+    step(est, e1, e2, torch.arange(B), 1, 0.5)
+    for mine, theirs in zip(est.online.parameters(), nets.parameters()):
+        close(mine.detach(), theirs.detach(), rtol=1e-5)
 
 
 def test_amorlip_alpha_is_on_section_1_scale():
