@@ -19,6 +19,12 @@ if "experiment" not in config:
 
 
 import neuclip.workflow as wf
+import neuclip.yamlio
+
+# Snakemake's YAML reader keeps the last of two equal keys silently (a second `train:` replaces the first):
+# read every config file again with the project's reader, which refuses that naming the key and both lines.
+for _path in [*workflow.configfiles, *workflow.overwrite_configfiles]:
+    neuclip.yamlio.load_file(_path)
 
 wf.validate_config(config)
 

@@ -12,7 +12,8 @@ the FCCO estimates, w_ij = exp(h_ij - a_i) / (B-1) detached:
               public = mean(a1 + a2) / 2 + rho - (W1 + W2)    what the public FastCLIP code steps with, and what
                                                              the published numbers and rho values came from
 tau is learned directly (own AdamW group, no weight decay, lr_tau constant and divided by 3 while tau <= 0.03:
-the public step_thresh, neuclip/estimators/temperature.py), projected onto [tau_min, 1] after each step. The logged loss is the state's own estimate of the objective.
+the public step_thresh, neuclip/estimators/temperature.py), projected onto [tau_min, 1] after each step.
+The logged loss is the state's own estimate of the objective.
 FastCLIP-v2 (per-sample temperatures) is `isogclr` with `gamma_schedule: cosine`.
 """
 

@@ -231,7 +231,7 @@ def parse_launcher(text: str) -> dict:
 
 def run_meta(run_dir: Path) -> dict:
     """The labels of a train run (its config.yaml's meta), for naming its stage jobs after its cell."""
-    from neuclip.train.config import yaml_load
+    from neuclip.yamlio import yaml_load
 
     try:
         return dict(yaml_load((Path(run_dir) / "config.yaml").read_text()).get("meta") or {})

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from neuclip.yamlio import load_file, yaml_load
+
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY = REPO / "workflows" / "datasets.yaml"
 
@@ -45,7 +47,7 @@ def deep_merge(base: dict, update: dict | None) -> dict:
 
 @functools.cache
 def _registry_file() -> dict:
-    return yaml.safe_load(REGISTRY.read_text())
+    return yaml_load(REGISTRY.read_text())
 
 
 def registry(config: dict) -> dict:
@@ -313,7 +315,7 @@ def schema() -> dict:
     from neuclip.train.config import RESOURCE_KEYS
     from neuclip.train.config import SCHEMA as TRAIN_SCHEMA
 
-    doc = yaml.safe_load(SCHEMA.read_text())
+    doc = yaml_load(SCHEMA.read_text())
     doc["definitions"]["method"]["enum"] = method_names()
     doc["definitions"]["dataset"]["enum"] = list(_registry_file())
     # resources: the train config's launcher keys (one table, neuclip/train/schema.yaml), but executor and site
@@ -335,7 +337,7 @@ def load_experiment(paths: list[str | Path], **values) -> dict:
 
     config: dict = {}
     for path in paths:
-        config = deep_merge(config, yaml.safe_load(Path(path).read_text()) or {})
+        config = deep_merge(config, load_file(path) or {})
     config = deep_merge(config, values)
     validate_config(config)
     if config.get("rehearsal"):

@@ -58,7 +58,7 @@ def _status(field: str) -> int:
 def _child(config: str) -> int:
     """One rank of a run: `neuclip train CONFIG`, then its peak memory to RUN/rss.rankR.json."""
     from neuclip.cli import main
-    from neuclip.train.config import yaml_load
+    from neuclip.yamlio import yaml_load
 
     peak = [0]
     done = threading.Event()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from neuclip.yamlio import yaml_load
+
 
 def register(sub) -> None:
     parser = sub.add_parser("config", help="print one experiment cell's `neuclip train` config", description=__doc__)
@@ -30,7 +32,7 @@ def run(args) -> int:
     from neuclip import workflow as wf
 
     try:
-        config = yaml.safe_load(Path(args.experiment).read_text())
+        config = yaml_load(Path(args.experiment).read_text())
         wf.validate_config(config)
     except Exception as err:  # unreadable or invalid (YAML, schema): name the file
         print(f"neuclip config: {args.experiment}: {err}", file=sys.stderr)

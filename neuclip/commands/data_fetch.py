@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from neuclip.yamlio import yaml_load
+
 
 def register(data_sub) -> None:
     dl = data_sub.add_parser(
@@ -49,14 +51,13 @@ def register(data_sub) -> None:
 
 
 def run_download(args) -> int:
-    import yaml
 
     from neuclip.data.download import DownloadError, download, parse_sets
 
     try:
         site = {}
         if args.config:
-            site = yaml.safe_load(open(args.config)) or {}
+            site = yaml_load(open(args.config)) or {}
             if not isinstance(site, dict):
                 raise DownloadError(f"--config {args.config}: expected a mapping of img2dataset options")
         site.update(parse_sets(args.sets))

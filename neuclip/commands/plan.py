@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+from neuclip.yamlio import yaml_load
+
 
 def register(sub) -> None:
     parser = sub.add_parser("plan", help="check every cell of an experiment and print what it costs",
@@ -68,7 +70,6 @@ def run(args) -> int:
     from pathlib import Path
 
     import pandas as pd
-    import yaml
 
     import neuclip.workflow as wf
     from neuclip.preflight import PreflightError, preflight, print_warnings
@@ -85,7 +86,7 @@ def run(args) -> int:
         print(f"neuclip plan: {err}", file=sys.stderr)
         return 2
     print_warnings(plans)
-    throughput = yaml.safe_load((wf.REPO / "workflows" / "throughput.yaml").read_text())
+    throughput = yaml_load((wf.REPO / "workflows" / "throughput.yaml").read_text())
     table = pd.DataFrame(rows(plans, throughput["samples_per_second_per_gpu"]))
     print(table.to_markdown(index=False))
     total = table["GPU-hours (assumed rate)"].sum()

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from neuclip.yamlio import yaml_load
+
 CELL = re.compile(r"^(?P<dataset>[^/]+)/(?P<method>[^/]+)/(?P<variant>[^/]+)/seed(?P<seed>\d+)$")
 FAILED_STATES = {"FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
                  "DEADLINE", "REVOKED"}  # fmt: skip
@@ -57,7 +59,7 @@ class Row:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
 

@@ -34,6 +34,7 @@ import yaml
 
 from neuclip.data import keys
 from neuclip.data.keys import INFO
+from neuclip.yamlio import yaml_load
 
 RECIPES = Path(__file__).resolve().with_name("download.yaml")
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -66,7 +67,7 @@ class DownloadError(RuntimeError):
 
 
 def recipes() -> dict[str, dict]:
-    return yaml.safe_load(RECIPES.read_text())["datasets"]
+    return yaml_load(RECIPES.read_text())["datasets"]
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -76,7 +77,7 @@ def parse_sets(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise DownloadError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set processes_count=32")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = yaml_load(value)
     return out
 
 
@@ -218,7 +219,7 @@ def _prepare(out: Path, opts: dict) -> None:
     """Refuse a folder downloaded with other layout options or holding JSON img2dataset would misread."""
     info_file = out / INFO
     if info_file.exists():
-        before = (yaml.safe_load(info_file.read_text()) or {}).get("img2dataset", {}).get("options", {})
+        before = (yaml_load(info_file.read_text()) or {}).get("img2dataset", {}).get("options", {})
         changed = [k for k in LAYOUT if k in before and before.get(k) != opts.get(k)]
         if changed:
             diff = ", ".join(f"{k}: {before.get(k)!r} then, {opts.get(k)!r} now" for k in changed)

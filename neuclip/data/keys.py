@@ -17,6 +17,8 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from neuclip.yamlio import yaml_load
+
 INFO = "dataset.yaml"  # the registry fields of a shard folder: shards, num_samples, data_size
 OOM_SHARD_COUNT = 5  # img2dataset's default oom_shard_count: shard names and the shard part of keys
 
@@ -56,12 +58,11 @@ def contiguous_rows(num: int, per_shard: int) -> list[tuple[int, int]]:
 
 def read_info(folder: str | Path) -> dict | None:
     """The folder's dataset.yaml (None: there is none)."""
-    import yaml
 
     path = Path(folder) / INFO
     if not path.exists():
         return None
-    info = yaml.safe_load(path.read_text())
+    info = yaml_load(path.read_text())
     if not isinstance(info, dict):
         raise ValueError(f"{path}: expected a mapping with num_samples and data_size")
     return info

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from scipy import stats
+
+from neuclip.yamlio import yaml_load
 
 CONFIDENCE = 0.95
 
@@ -128,7 +129,7 @@ def paper_markers(config_path: str | os.PathLike) -> list[dict]:
     path = Path(config_path)
     if not path.is_absolute() and not path.exists() and (wf.REPO / path).exists():
         path = wf.REPO / path
-    config = yaml.safe_load(path.read_text())
+    config = yaml_load(path.read_text())
     methods = config.get("methods") or []
     if not config.get("datasets") or not methods:
         raise KeyError(f"{path}: markers need an experiment config with `datasets` and `methods`")

@@ -324,9 +324,9 @@ def score_run(run_dir, anchors: int = 2048, shards: int | None = None, batch: in
     from neuclip.estimators.registry import build_estimator
     from neuclip.export import create_model
     from neuclip.train import checkpoint as ckpt
-    from neuclip.train.config import yaml_load
     from neuclip.train.resume import estimator_state
     from neuclip.train.runtime import setup_distributed
+    from neuclip.yamlio import yaml_load
 
     want = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     joined = not (dist.is_available() and dist.is_initialized())  # leave a caller's process group alone

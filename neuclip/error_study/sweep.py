@@ -32,10 +32,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from neuclip.atomic import write_atomic, write_json
 from neuclip.error_study.shadow import ShadowRun, run
+from neuclip.yamlio import yaml_load
 
 SWEEP_KEYS = {"grid", "seeds", "steps", "measure_at", "epochs", "markers", "jobs", "run"}
 DEFAULT_STEPS = 1000
@@ -46,7 +46,7 @@ ORDER = ["budget", "method", "batch_size", "n", "seed", "step"]
 
 def load_config(path: str | os.PathLike) -> dict:
     """A sweep config, or an experiment config (workflows/configs/error_study*.yaml): its `error_study` block."""
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    cfg = yaml_load(Path(path).read_text()) or {}
     where = str(path)
     if "experiment" in cfg:
         if not cfg.get("error_study"):

@@ -7,12 +7,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
 from neuclip.report import expect as expect_mod
 from neuclip.report import plots, tables
 from neuclip.report.loading import error_curves, find_runs, find_studies, sha256_file
 from neuclip.report.table import markdown, write_atomic, write_table
+from neuclip.yamlio import yaml_load
 
 DEFAULT_PUBLISHED = Path(__file__).resolve().parents[2] / "results" / "published.yaml"
 MANIFEST = "report_manifest.json"
@@ -26,7 +25,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, expect: str | Path |
     pub_path = Path(published) if published else DEFAULT_PUBLISHED
     if not pub_path.exists():
         raise FileNotFoundError(f"published numbers {pub_path} not found; pass --published results/published.yaml")
-    pub = yaml.safe_load(pub_path.read_text()) or {}
+    pub = yaml_load(pub_path.read_text()) or {}
     runs, unfinished = find_runs(root)
     studies = find_studies(root)
     expected = expect_mod.from_file(expect, runs) if expect else expect_mod.from_runs(runs)

@@ -19,9 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from neuclip.report.loading import Run, canonical_method, dataset_key, dataset_label, method_name
+from neuclip.yamlio import yaml_load
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ def from_runs(runs: list[Run]) -> list[Expected]:
 
 
 def from_file(path: str | Path, runs: list[Run]) -> list[Expected]:
-    entries = yaml.safe_load(Path(path).read_text()) or []
+    entries = yaml_load(Path(path).read_text()) or []
     if isinstance(entries, dict):
         entries = entries.get("expect", [])
     if not isinstance(entries, list):

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
+
+from neuclip.yamlio import yaml_load
 
 
 def _method_registry():
@@ -166,7 +167,7 @@ def load_run(folder: Path, root: Path) -> Run:
     warnings: list[str] = []
     cfg_path = folder / "config.yaml"
     if cfg_path.exists():
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        cfg = yaml_load(cfg_path.read_text()) or {}
     else:
         cfg = {}
         warnings.append(f"{folder}: done.json without config.yaml; data set/method unknown")

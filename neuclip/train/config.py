@@ -19,11 +19,13 @@ from typing import Any
 
 import yaml
 
+from neuclip.yamlio import yaml_load  # noqa: F401 - the project's one YAML reader, used from here too
+
 SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
 
 
 def _schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return yaml_load(SCHEMA_PATH.read_text())
 
 
 def _defaults(node: dict) -> Any:
@@ -92,21 +94,6 @@ def run_settings(cfg: dict) -> dict:
 
 class ConfigError(ValueError):
     """A config problem, with the key at fault in the message."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-8` as a float (PyYAML follows YAML 1.1, which needs `1.0e-8`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _merge(base: dict, update: dict, path: str = "") -> dict:
