@@ -49,3 +49,16 @@ def test_prototypes_beyond_the_data_set_warn_and_name_the_fill_rule(tmp_path, sy
     err = capsys.readouterr().err
     assert code == 0, err
     assert "warning" in err and "num_prototypes=64" in err and "with replacement plus Gaussian jitter" in err
+
+
+def test_a_start_up_data_error_leaves_no_config_to_refuse_the_corrected_rerun(tmp_path, synth_data, capsys):
+    """data.data_size below the largest sample id fails at start; the run folder keeps no config.yaml, so the
+    same folder with the corrected value runs (it was refused as "a different config")."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, shards(synth_data), train__max_steps=2)
+    code = main(["train", *overrides, "data.data_size=10"])
+    err = capsys.readouterr().err
+    assert code != 0 and "data_size" in err, err
+    assert not (run_dir / "config.yaml").exists()
+    assert main(["train", *overrides]) == 0, capsys.readouterr().err
+    assert (run_dir / "done.json").exists()

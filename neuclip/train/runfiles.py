@@ -35,8 +35,8 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_config(run_dir: Path, cfg: dict) -> None:
-    """config.yaml; a folder holding a run with a different identity is an error, never overwritten."""
+def check_config(run_dir: Path, cfg: dict) -> None:
+    """A folder whose config.yaml holds a run with a different identity is an error (it is never overwritten)."""
     path = run_dir / "config.yaml"
     if path.exists():
         old = yaml_load(path.read_text())
@@ -49,7 +49,14 @@ def write_config(run_dir: Path, cfg: dict) -> None:
                 f"{run_dir} holds a run with a different config ({'; '.join(diff)}); "
                 "use a new run_dir, or delete this one to start over"
             )
-    write_atomic(path, dump(cfg))
+
+
+def write_config(run_dir: Path, cfg: dict) -> None:
+    """config.yaml, the run's identity, after `check_config`. The trainer writes it only once the start-up checks
+    (data, model, estimator) have passed, so a run refused at start leaves none behind to refuse the corrected
+    rerun in the same folder."""
+    check_config(run_dir, cfg)
+    write_atomic(run_dir / "config.yaml", dump(cfg))
 
 
 def _git_info() -> dict:

@@ -36,7 +36,15 @@ from neuclip.train import checkpoint as ckpt
 from neuclip.train import resume
 from neuclip.train.data import expand_shards
 from neuclip.train.finish import DONE_FILE, export_model, write_done
-from neuclip.train.runfiles import METRICS_FILE, MetricsLog, last_logged, truncate_log, write_config, write_provenance
+from neuclip.train.runfiles import (
+    METRICS_FILE,
+    MetricsLog,
+    check_config,
+    last_logged,
+    truncate_log,
+    write_config,
+    write_provenance,
+)
 from neuclip.train.runtime import (
     Process,
     Signals,
@@ -116,7 +124,7 @@ class _Trainer:
         if proc.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temps(self.ckpt_dir)
-            write_config(self.run_dir, cfg)
+            check_config(self.run_dir, cfg)
         proc.barrier()
 
         shards = expand_shards(cfg["data"]["train_shards"])
@@ -125,6 +133,8 @@ class _Trainer:
         seed_everything(cfg["seed"])
         self.parts = build_parts(cfg, self.geo, proc.device)
         self.tracker = make_tracker(cfg, self.parts, shards, proc, bf16=self.precision == "bf16")
+        if proc.rank == 0:  # the start-up checks passed: now the folder holds this run
+            write_config(self.run_dir, cfg)
         start, bad_decoded, self.train_wall_s = resume.load(self.ckpt_dir, cfg, self.geo, proc, self.parts, data)
         self.last_saved = start
         if proc.rank == 0:
