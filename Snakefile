@@ -58,6 +58,7 @@ include: "workflows/train.smk"
 include: "workflows/eval.smk"
 include: "workflows/error.smk"
 include: "workflows/report.smk"
+include: "workflows/drivers.smk"
 
 
 # `all` names the evaluations and the error study as well as the report: Snakemake regenerates a missing
@@ -78,6 +79,12 @@ rule error_study:
     input:
         error_study_outputs(),
         error_run_outputs(),
+
+
+# The driver study (neuclip/study/drivers.py): every method trains its own small runs on synthetic features.
+rule drivers:
+    input:
+        drivers_outputs(),
 
 
 rule ablations:

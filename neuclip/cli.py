@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Order is the order `neuclip --help` lists them in: the pipeline's order.
-COMMANDS = ["data", "methods", "config", "plan", "train", "status", "eval", "error", "report", "bench"]
+COMMANDS = ["data", "methods", "config", "plan", "train", "status", "eval", "error", "study", "report", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -153,7 +153,7 @@ def run(cfg: ShadowRun, progress=None, timings: dict | None = None) -> list[dict
                 est(Batch(img, txt, idx, step, epoch_f))
         if step + 1 in measure_at:
             t0, c0 = time.perf_counter(), time.process_time()
-            rows += _measure(cfg, data, encoder, shadows, anchors, float(seen[anchors].double().mean()), step + 1)
+            rows += measure(cfg, data, encoder, shadows, anchors, float(seen[anchors].double().mean()), step + 1)
             measuring += time.perf_counter() - t0
             measuring_cpu += time.process_time() - c0
             if progress:
@@ -169,7 +169,9 @@ def run(cfg: ShadowRun, progress=None, timings: dict | None = None) -> list[dict
 
 
 @torch.no_grad()
-def _measure(cfg, data, encoder, shadows, anchors, visited: float, step: int) -> list[dict]:
+def measure(cfg, data, encoder, shadows, anchors, visited: float, step: int) -> list[dict]:
+    """One row per scored estimator in `shadows`: its estimate for `anchors` against the exact normaliser over
+    all cfg.n samples at cfg.tau (also the driver study's score of a run's own estimate)."""
     def embed(ids: torch.Tensor):
         parts = [encoder(*data.features(ids[c : c + cfg.chunk])) for c in range(0, ids.numel(), cfg.chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

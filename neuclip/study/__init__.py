@@ -1,0 +1,1 @@
+"""Studies that train many small runs on synthetic features (`neuclip study ...`)."""
