@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Order is the order `neuclip --help` lists them in: the pipeline's order.
@@ -29,8 +30,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    status = args.func(args)
+    try:
+        status = args.func(args)
+    except Exception as err:  # noqa: BLE001 - a user's mistake gets one line; anything else its traceback
+        line = user_error_line(err)
+        if line is None or os.environ.get("NEUCLIP_DEBUG"):
+            raise
+        print(f"neuclip {args.command}: error: {line}", file=sys.stderr)
+        return 1
     return int(status or 0)
+
+
+def user_error_line(err: BaseException) -> str | None:
+    """One line for a failure that is the input's or the machine's, not the code's (None: a bug, which keeps its
+    traceback). Set NEUCLIP_DEBUG=1 for the traceback of any failure."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = err.filename or "the output folder"
+        return f"no space left on device writing {where}; free space there and rerun (finished work is kept)"
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)  # only modules that ran can have raised
+        if cls is not None and isinstance(err, cls):
+            return " ".join(str(err).split("\n")) or type(err).__name__
+    return None
+
+
+# Errors that describe bad input or a state the user must act on; their messages name the file, key or folder.
+USER_ERRORS = [
+    ("neuclip.train.config", "ConfigError"),
+    ("neuclip.data.check", "DataError"),
+    ("neuclip.data.shards", "ShardError"),
+    ("neuclip.data.download", "DownloadError"),
+    ("neuclip.train.checkpoint", "CheckpointsUnreadable"),
+    ("neuclip.train.runtime", "RunLocked"),
+    ("neuclip.train.step", "TrainingDiverged"),
+    ("neuclip.eval.runner", "MissingDataError"),
+    ("neuclip.eval.runner", "ForeignResultsError"),
+    ("neuclip.eval.fetch", "FetchError"),
+    ("neuclip.preflight", "PreflightError"),
+    ("neuclip.estimators.options", "OptionError"),
+    ("neuclip.yamlio", "DuplicateKeyError"),
+]
 
 
 if __name__ == "__main__":

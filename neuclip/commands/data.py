@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from neuclip.commands import positive_int
+
 
 def register(sub) -> None:
     parser = sub.add_parser("data", help="generate synthetic data; check image-text shards")
@@ -23,7 +25,7 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     synth.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (replaced if it holds a manifest)")
-    synth.add_argument("--num-train", type=int, default=4096, help="training samples")
+    synth.add_argument("--num-train", type=positive_int, default=4096, help="training samples")
     synth.add_argument("--num-eval", type=int, default=512, help="samples in each evaluation set")
     synth.add_argument("--seed", type=int, default=0, help="generator seed")
     synth.add_argument("--shard-size", type=int, default=1024, help="samples per tar shard")

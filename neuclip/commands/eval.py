@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from neuclip.commands import positive_int
 from neuclip.eval.precision import DEFAULT as DEFAULT_PRECISION
 from neuclip.eval.precision import PRECISIONS
 
@@ -36,7 +37,7 @@ def register(sub) -> None:
     parser.add_argument("--suite", required=True, choices=list(SUITE_HELP), help="task suite")
     parser.add_argument("--data-root", required=True, help="folder holding the suite's evaluation sets")
     parser.add_argument("--out", required=True, help="output folder for task JSONs and summary.json")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
     parser.add_argument("--workers", type=int, default=4, help="data loader worker processes")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument(

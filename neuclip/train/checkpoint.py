@@ -78,11 +78,23 @@ def remove_stale_temps(folder: Path) -> None:
                 (folder / name).unlink(missing_ok=True)
 
 
-def load_latest(folder: Path, map_location="cpu", complete=None, agree=None) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint (path, state). `complete(path, state)` may read more (e.g. this rank's
-    estimator shards) and raise if it cannot; `agree(ok)` makes the ranks take the same checkpoint (a
-    collective: every rank must call this function)."""
-    for _step, path in reversed(list_checkpoints(folder)):
+class CheckpointsUnreadable(RuntimeError):
+    """Every kept checkpoint of a run is unreadable: starting over would discard the run's progress."""
+
+
+def load_latest(folder: Path, map_location="cpu", complete=None, agree=None,
+                unreadable: list | None = None) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint (path, state), or None when the folder holds none; the newer checkpoints
+    that could not be read are appended to `unreadable`. `complete(path, state)` may read more (e.g. this
+    rank's estimator shards) and raise if it cannot; `agree(ok)` makes the ranks take the same checkpoint (a
+    collective: every rank must call this function). Checkpoints that exist but none of which can be read
+    raise CheckpointsUnreadable (nothing is deleted): a run that silently restarted from step 0 would truncate
+    its logs, and the unreadable files, numbered higher, would make `keep_last` prune every new checkpoint, so
+    it would never progress."""
+    found = list_checkpoints(folder)
+    skipped = unreadable if unreadable is not None else []
+    errors = []
+    for _step, path in reversed(found):
         state, err = None, None
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
@@ -95,12 +107,34 @@ def load_latest(folder: Path, map_location="cpu", complete=None, agree=None) -> 
             ok = agree(ok)
         if ok:
             return path, state
+        skipped.append(path)
+        errors.append(f"{path.name}: {err!r}" if err is not None else f"{path.name}: unreadable on another rank")
         print(
             f"neuclip train: checkpoint {path} is unreadable ({err!r} here; or on another rank); trying an older one",
             file=sys.stderr,
             flush=True,
         )
+    if found:
+        raise CheckpointsUnreadable(
+            f"every kept checkpoint in {folder} is unreadable ({'; '.join(errors)}); nothing was deleted and the "
+            "run was not restarted from step 0. Restore a good copy, or move the folder's checkpoints aside to "
+            "start the run over"
+        )
     return None
+
+
+def set_aside(paths: list[Path]) -> list[Path]:
+    """Rename unreadable checkpoints (and their shards) to *.unreadable: kept for inspection, out of the way of
+    `keep_last`, which would otherwise prune the run's new, lower-numbered checkpoints before them."""
+    moved = []
+    for path in paths:
+        step = int(_NAME.match(path.name).group(1))
+        for old in [path, *_shards_of(path.parent, step)]:
+            if old.exists():
+                new = old.with_name(old.name + ".unreadable")
+                old.rename(new)
+                moved.append(new)
+    return moved
 
 
 def rng_state() -> dict:

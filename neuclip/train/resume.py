@@ -79,10 +79,14 @@ def load(
     def complete(path: Path, state: dict) -> dict:  # this rank's estimator state, shards included
         return {**state, "estimator": estimator_state(path, state, parts.estimator)}
 
-    found = ckpt.load_latest(ckpt_dir, complete=complete, agree=proc.all_ok)
+    unreadable: list[Path] = []
+    found = ckpt.load_latest(ckpt_dir, complete=complete, agree=proc.all_ok, unreadable=unreadable)
     if found is None:
         return 0, 0, 0.0
     path, state = found
+    if unreadable and proc.rank == 0:
+        for moved in ckpt.set_aside(unreadable):
+            print(f"neuclip train: set aside the unreadable {moved}", file=sys.stderr, flush=True)
     diff = identity_diff(state["config"], cfg)
     if diff:
         raise ConfigError(

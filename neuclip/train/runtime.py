@@ -85,6 +85,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class RunLocked(RuntimeError):
+    """Another trainer holds the run folder's lock."""
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """One trainer per run folder (advisory flock; silently skipped where the file system lacks locks)."""
@@ -95,7 +99,7 @@ def run_lock(run_dir: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(
+            raise RunLocked(
                 f"another trainer is running in {run_dir} (its .lock is held); wait for it "
                 "or stop it before starting this one"
             ) from None

@@ -1,0 +1,95 @@
+"""Bad input and bad state never cost a run, and get one clear line (issue: bad input). Through the real CLI
+entry point, in this process: every kept checkpoint unreadable (stop, nothing deleted, logs intact); the newest
+unreadable (resume from the older one, set the bad one aside, end state bit-identical); a locked run folder;
+out-of-range arguments."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuclip.cli import main
+from neuclip.train import checkpoint as ckpt
+from neuclip.train.testing import read_checkpoint, tensors_equal, tiny_overrides
+
+torch.set_num_threads(1)
+
+
+def shards(data: Path) -> str:
+    return str(data / "train" / "{00000..00002}.tar")
+
+
+def _train(run_dir: Path, synth_data: Path, **extra) -> int:
+    return main(["train", *tiny_overrides(run_dir, shards(synth_data), **extra)])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, synth_data):
+    """A 12-step run keeping its checkpoints at steps 4, 8, 12."""
+    run_dir = tmp_path_factory.mktemp("bad-input") / "run"
+    assert _train(run_dir, synth_data, train__keep_last=3) == 0
+    return run_dir
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    (to / "done.json").unlink()  # an unfinished run, as after a preemption
+    return to
+
+
+def test_every_checkpoint_unreadable_stops_and_deletes_nothing(finished_run, synth_data, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path / "run")
+    for _, path in ckpt.list_checkpoints(run / "checkpoints"):
+        path.write_bytes(b"not a checkpoint")
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    metrics = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert _train(run, synth_data, train__keep_last=3) == 1
+    err = capsys.readouterr().err
+    assert "every kept checkpoint in" in err and "nothing was deleted" in err, err
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_newest_checkpoint_unreadable_resumes_from_the_older_bit_identically(finished_run, synth_data, tmp_path):
+    run = _copy(finished_run, tmp_path / "run")
+    newest = ckpt.checkpoint_path(run / "checkpoints", 12)
+    newest.write_bytes(b"\x00" * 100)
+    assert _train(run, synth_data, train__keep_last=3) == 0
+    assert (run / "checkpoints" / (newest.name + ".unreadable")).read_bytes() == b"\x00" * 100  # set aside
+    ours, theirs = read_checkpoint(run / "checkpoints", 12), read_checkpoint(finished_run / "checkpoints", 12)
+    varying = {"config", "train_wall_s"}  # the run folder's path, and a timing
+    assert tensors_equal({k: v for k, v in ours.items() if k not in varying},
+                         {k: v for k, v in theirs.items() if k not in varying}) == []
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [4, 8, 12]
+
+
+def test_a_locked_run_folder_is_one_line(finished_run, synth_data, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path / "run")
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert _train(run, synth_data, train__keep_last=3) == 1
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert "another trainer is running in" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["eval", "--batch-size", "0", "--model-dir", "m", "--suite", "tiny", "--out", "o"], "--batch-size"),
+    (["data", "synth", "out", "--num-train", "0"], "--num-train"),
+])
+def test_out_of_range_arguments_are_one_line(argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "must be at least 1" in err and "Traceback" not in err, err
