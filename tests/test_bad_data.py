@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from neuclip.data.check import check_shards
+from neuclip.data.keys import data_size_of
 from neuclip.train.data import DataError, TrainData, TrainLoader
 
 torch.set_num_threads(1)
@@ -53,6 +54,9 @@ CASES = {
     "missing-image": ("00001.tar", lambda n, d: None if n == "0000105.jpg" else (n, d), "0000105", 105),
     "undecodable-image": ("00002.tar", _member("0000202.jpg", lambda d: b"not a jpeg" * 8), "0000202", 202),
     "truncated-shard": ("00001.tar", None, None, None),
+    # an absurd key: beyond data_size (train/dataset.yaml's, as the trainer's default) in both verdicts, and the
+    # duplicate check's memory stays bounded (a bitmap up to 10^12 asked for 116 GiB)
+    "id-beyond-data-size": ("00001.tar", _member("0000103.json", _json_key("1000000000000")), "0000103", 103),
 }
 
 
@@ -97,8 +101,8 @@ def test_checker_and_trainer_agree(train, case):
     assert check_shards(str(train), skip_bad=True).ok
 
     # the trainer: the same shard and key in its error; with skip_bad, skipped and counted
-    def trainer(skip_bad):
-        data = TrainData(shards, seed=0, global_batch=4, block=64, skip_bad=skip_bad)
+    def trainer(skip_bad):  # data.data_size as the config resolves it by default (dataset.yaml beside the shards)
+        data = TrainData(shards, seed=0, global_batch=4, block=64, skip_bad=skip_bad, data_size=data_size_of(shards)[0])
         return data, *_epoch_ids(data)
 
     with pytest.raises(DataError) as err:
@@ -136,3 +140,18 @@ def test_overstated_sizes_json_is_an_error_naming_the_file(train):
 
     sizes_file.write_text(json.dumps(sizes))
     assert TrainData(shards, seed=0, global_batch=4, block=64, skip_bad=False).steps_per_epoch == 12
+
+
+def test_an_absurd_id_without_a_declared_id_space_is_refused_by_both(train):
+    """No dataset.yaml: the id space would be max id + 1 = 10^12 + 1; the checker and the trainer's config both
+    refuse it, naming the shard and key, instead of sizing state (or a bitmap) by it."""
+    _damage(train, "id-beyond-data-size")
+    (train / "dataset.yaml").unlink()
+    report = check_shards(str(train))
+    (problem,) = report.problems
+    assert problem.fatal and "key 0000103: sample id 1000000000000 lies far beyond" in problem.reason
+    assert not check_shards(str(train), skip_bad=True).ok  # never skippable: the id space itself is unknown
+    with pytest.raises(ValueError, match="key 0000103: sample id 1000000000000 lies far beyond"):
+        data_size_of([str(train / f"0000{i}.tar") for i in range(3)])
+    # given the id space, the sample is one bad sample again
+    assert check_shards(str(train), skip_bad=True, data_size=216).ok

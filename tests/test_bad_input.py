@@ -93,3 +93,24 @@ def test_out_of_range_arguments_are_one_line(argv, named, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert named in err and "must be at least 1" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_an_id_of_10_to_the_12_gets_the_same_verdict_from_check_and_train(skip_bad, synth_data, tmp_path, capsys):
+    """A .json key of 10^12 (beyond train/dataset.yaml's data_size 216): a bad sample for both commands, named;
+    skipped with skip_bad, an error without; no command asks for memory by the id."""
+    from tests.test_bad_data import _damage
+
+    train = shutil.copytree(synth_data / "train", tmp_path / "train")
+    _damage(train, "id-beyond-data-size")
+    pattern = str(train / "{00000..00002}.tar")
+    capsys.readouterr()
+    assert main(["data", "check", pattern, *(["--skip-bad"] if skip_bad else [])]) == (0 if skip_bad else 1)
+    checked = capsys.readouterr().out
+    assert "0000103" in checked and "sample id 1000000000000 >= data_size (from" in checked, checked
+    run = tmp_path / "run"
+    code = main(["train", *tiny_overrides(run, pattern, train__max_steps=2), f"data.skip_bad={str(skip_bad).lower()}"])
+    err = capsys.readouterr().err
+    assert code == (0 if skip_bad else 1), err
+    assert "key 0000103: sample id 1000000000000 >= data_size (from" in err, err
+    assert "Traceback" not in err

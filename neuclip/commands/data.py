@@ -39,7 +39,9 @@ def register(sub) -> None:
             "Indexes every shard (the index the trainer reads, cached beside the shards), decodes every image, "
             "and applies the trainer's own definition of a bad sample (neuclip/data/check.py): no image, no "
             "or blank caption, no .json or no non-negative integer 'key' in it, an id seen before in any shard, "
-            "an image that does not decode. Counts must match sizes.json / img2dataset *_stats.json. Exits "
+            "an image that does not decode, an id at or above data_size (dataset.yaml beside the shards, or "
+            "--data-size; without either, an id far beyond the others' is refused). Counts must match sizes.json / "
+            "img2dataset *_stats.json. Exits "
             "non-zero on any problem. With --skip-bad (the trainer's data.skip_bad), bad samples and unreadable "
             "shards are listed as skipped and the exit status is 0; missing shards and count mismatches still fail."
         ),
@@ -50,6 +52,8 @@ def register(sub) -> None:
         help="shards: brace pattern ('data/train/{00000..00003}.tar'), glob, folder, or several joined by ::",
     )
     check.add_argument("--skip-bad", action="store_true", help="list bad samples as skipped and exit 0")
+    check.add_argument("--data-size", type=positive_int, default=None,
+                       help="the id space (max id + 1; the trainer's data.data_size): ids at or above it are bad")
     check.add_argument(
         "--no-ids",
         action="store_true",
@@ -87,6 +91,6 @@ def run_synth(args) -> int:
 def run_check(args) -> int:
     from neuclip.data.check import check_shards, format_report
 
-    report = check_shards(args.pattern, skip_bad=args.skip_bad, need_ids=not args.no_ids)
+    report = check_shards(args.pattern, skip_bad=args.skip_bad, need_ids=not args.no_ids, data_size=args.data_size)
     print(format_report(report))
     return 0 if report.ok else 1

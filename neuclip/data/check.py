@@ -31,6 +31,7 @@ import numpy as np
 from neuclip.data.shards import IMAGE_EXTS, ShardError, ShardIndex, expand_pattern, image_ext, shard_index
 
 SAMPLE_FIX = "re-download or drop those samples, or set skip_bad (--skip-bad, data.skip_bad=true) to skip them"
+ID_FIX = "correct its key (.json / __key__), or raise data_size to max id + 1 (the size of per-sample state)"
 SHARD_FIX = "regenerate or re-download this shard, or remove it from the pattern and from sizes.json"
 
 
@@ -184,28 +185,43 @@ def count_problems(path: Path, samples: int, sizes_cache: dict) -> list[str]:
 
 
 class _Seen:
-    """A growing bitmap of ids: the duplicate check costs one bit per id (175 MB for 1.4e9 ids)."""
+    """The ids seen so far, for the duplicate check: a bitmap (one bit per id: 175 MB for 1.4e9 ids) up to a cap
+    that grows with the number of ids seen (64 bits each, at least 2^20), and a set for the few ids above it. So
+    memory follows the samples, never the largest id (one key of 10^12 asked for a 116 GiB bitmap)."""
 
     def __init__(self):
         self.bits = np.zeros(1 << 16, dtype=np.uint8)
+        self.count = 0
+        self.outliers: set[int] = set()
 
     def test_and_set(self, ids: np.ndarray) -> np.ndarray:
-        need = int(ids.max()) // 8 + 1 if len(ids) else 0
+        self.count += len(ids)
+        cap = max(1 << 20, 64 * self.count)
+        dense = ids < cap
+        before = np.zeros(len(ids), dtype=bool)
+        inside = ids[dense]
+        need = int(inside.max()) // 8 + 1 if len(inside) else 0
         if need > len(self.bits):
             self.bits = np.concatenate([self.bits, np.zeros(max(need, 2 * len(self.bits)) - len(self.bits), np.uint8)])
-        byte, bit = ids >> 3, (1 << (ids & 7)).astype(np.uint8)
-        before = (self.bits[byte] & bit) != 0
+        byte, bit = inside >> 3, (1 << (inside & 7)).astype(np.uint8)
+        before[dense] = (self.bits[byte] & bit) != 0
+        np.bitwise_or.at(self.bits, byte, bit)
+        for i in np.flatnonzero(~dense):
+            before[i] = int(ids[i]) in self.outliers
+            self.outliers.add(int(ids[i]))
         _, first = np.unique(ids, return_index=True)
         repeat = np.ones(len(ids), dtype=bool)
         repeat[first] = False  # a second occurrence inside this shard
-        np.bitwise_or.at(self.bits, byte, bit)
         return before | repeat
 
 
-def survey(paths: Iterable[str | Path], need_ids: bool = True, on_index=None) -> Survey:
+def survey(paths: Iterable[str | Path], need_ids: bool = True, on_index=None, data_size: int | None = None,
+           data_size_from: str = "data_size") -> Survey:
     """Index every shard (cached), apply the bad-sample definition and the duplicate-id and count checks.
 
-    `on_index(shard_number, ShardIndex)` sees each readable shard's index (the checker decodes from it).
+    `on_index(shard_number, ShardIndex)` sees each readable shard's index (the checker decodes from it). With
+    `data_size` (the id space: max id + 1, from `data_size_from`), a sample whose id is at or above it is a bad
+    sample, named: `neuclip data check` and `neuclip train` give it the same verdict.
     """
     shards = [str(p) for p in paths]
     sv = Survey(shards, [], [], np.zeros(len(shards), dtype=np.int64))
@@ -229,6 +245,13 @@ def survey(paths: Iterable[str | Path], need_ids: bool = True, on_index=None) ->
             bad[i] = bool(reasons)
         if need_ids:
             valid = np.flatnonzero(index.ids >= 0)
+            if data_size is not None:
+                over = valid[index.ids[valid] >= data_size]
+                for i in over:
+                    sv.problems.append(Problem(shard, index.key(int(i)), f"sample id {int(index.ids[i])} >= "
+                                               f"{data_size_from} ({data_size}): {ID_FIX}"))
+                bad[over] = True
+                valid = valid[index.ids[valid] < data_size]
             if len(valid):
                 dup = valid[seen.test_and_set(index.ids[valid])]
                 duplicates += [(s, int(i)) for i in dup]
@@ -314,7 +337,7 @@ def _decode_all(index: ShardIndex, shard: str) -> list[Problem]:
     return out
 
 
-def check_shards(pattern: str, skip_bad: bool = False, need_ids: bool = True) -> Report:
+def check_shards(pattern: str, skip_bad: bool = False, need_ids: bool = True, data_size: int | None = None) -> Report:
     """Every problem of the shards matching `pattern` (see the module docstring); images are all decoded.
     `need_ids=False` for sets without sample ids (clip_benchmark eval sets): no .json/key/duplicate checks."""
     report = Report(skip_bad)
@@ -322,8 +345,20 @@ def check_shards(pattern: str, skip_bad: bool = False, need_ids: bool = True) ->
     if not paths:
         report.problems.append(Problem(str(pattern), None, "matches no shards: check the path or pattern", "fatal"))
         return report
+    size, source = None, ""
+    if need_ids:
+        from neuclip.data.keys import data_size_of, data_size_source
+
+        names = list(map(str, paths))
+        try:  # the trainer's default id space: dataset.yaml beside the shards, else max id + 1 (sanity-checked)
+            size = data_size if data_size is not None else data_size_of(names)[0]
+        except ValueError as err:
+            report.problems.append(Problem(str(pattern), None, str(err), "fatal"))
+            return report
+        source = data_size_source(names, size)
     decoded: list[Problem] = []
-    sv = survey(paths, need_ids, on_index=lambda s, index: decoded.extend(_decode_all(index, str(paths[s]))))
+    sv = survey(paths, need_ids, on_index=lambda s, index: decoded.extend(_decode_all(index, str(paths[s]))),
+                data_size=size, data_size_from=source)
     order = {shard: s for s, shard in enumerate(sv.shards)}
     report.problems = sorted(sv.problems + decoded, key=lambda p: (order[p.shard], p.key is not None, p.key or ""))
     for s, shard in enumerate(sv.shards):

@@ -89,15 +89,32 @@ def indexed_data_size(shards: Iterable[str | Path]) -> int:
     the trainer's bad-data rules). 0 when no sample has an id."""
     from neuclip.data.shards import ShardError, shard_index
 
-    top = -1
+    top, count, where = -1, 0, None
     for shard in shards:
         try:
-            ids = shard_index(shard).ids
+            index = shard_index(shard)
         except ShardError:
             continue
-        if len(ids):
-            top = max(top, int(ids.max()))
+        ids = index.ids
+        count += int((ids >= 0).sum())
+        if len(ids) and int(ids.max()) > top:
+            top, where = int(ids.max()), (shard, index.key(int(ids.argmax())))
+    if top + 1 > max(1 << 20, 64 * count):
+        raise ValueError(
+            f"shard {where[0]} key {where[1]}: sample id {top} lies far beyond the ids of the {count} samples "
+            f"(data_size = max id + 1 would size the per-sample state at {top + 1} entries); correct that key, or "
+            "give the id space in dataset.yaml beside the shards or data.data_size / --data-size (ids at or above "
+            "it are then bad samples)"
+        )
     return top + 1
+
+
+def data_size_source(shards: list[str], data_size: int) -> str:
+    """How a message names the id space `data_size`: with the dataset.yaml it came from, when it came from one."""
+    declared = declared_data_size(shards)
+    if declared is not None and declared[0] == data_size:
+        return f"data_size (from {', '.join(map(str, declared[1]))})"
+    return "data_size"
 
 
 def data_size_of(shards: list[str]) -> tuple[int, str]:

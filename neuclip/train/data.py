@@ -40,6 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from neuclip.data.check import BadImage, DataError, Problem, open_image, survey
+from neuclip.data.keys import data_size_source
 from neuclip.data.shards import IMAGE_EXTS, MemberReader, ShardError, expand_pattern, shard_index
 
 ORDER = "epoch-blocks-v1"  # the checkpoint's name for this order; a different one cannot be resumed
@@ -125,10 +126,13 @@ class TrainData:
     """
 
     def __init__(
-        self, shards: list[str], *, seed: int, global_batch: int, block: int, skip_bad: bool, report: bool = True
+        self, shards: list[str], *, seed: int, global_batch: int, block: int, skip_bad: bool, report: bool = True,
+        data_size: int | None = None,
     ):
         self.shards, self.seed, self.B, self.skip_bad = list(shards), seed, global_batch, skip_bad
-        sv = survey(self.shards)
+        # an id at or above data_size is a bad sample, as `neuclip data check` says (skipped under skip_bad)
+        source = data_size_source(self.shards, data_size) if data_size is not None else ""
+        sv = survey(self.shards, data_size=data_size, data_size_from=source)
         fatal = [p for p in sv.problems if p.fatal]
         if fatal or (sv.problems and not skip_bad):
             raise DataError(_listing(fatal or sv.problems, skippable=not fatal))

@@ -132,6 +132,7 @@ def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
         block=d["shuffle_buffer"],
         skip_bad=d["skip_bad"],
         report=proc.rank == 0,
+        data_size=d["data_size"],
     )
     if data.max_id >= d["data_size"]:
         from neuclip.data.keys import id_beyond
