@@ -107,10 +107,31 @@ def test_an_id_of_10_to_the_12_gets_the_same_verdict_from_check_and_train(skip_b
     capsys.readouterr()
     assert main(["data", "check", pattern, *(["--skip-bad"] if skip_bad else [])]) == (0 if skip_bad else 1)
     checked = capsys.readouterr().out
-    assert "0000103" in checked and "sample id 1000000000000 >= data_size (from" in checked, checked
+    assert "0000103" in checked and "sample id 1000000000000 >= data_size 216 (from" in checked, checked
     run = tmp_path / "run"
     code = main(["train", *tiny_overrides(run, pattern, train__max_steps=2), f"data.skip_bad={str(skip_bad).lower()}"])
     err = capsys.readouterr().err
     assert code == (0 if skip_bad else 1), err
-    assert "key 0000103: sample id 1000000000000 >= data_size (from" in err, err
+    assert "key 0000103: sample id 1000000000000 >= data_size 216 (from" in err, err
     assert "Traceback" not in err
+
+
+def test_a_1_mb_one_word_caption_is_cut_and_counted(synth_data, tmp_path, capsys):
+    """open_clip's BPE is quadratic in a word's length (a 50,000-letter word took 216 s, and SIGTERM waited for
+    it): the caption is read up to data.max_caption_bytes before tokenising, and the cut is counted."""
+    import json
+    import random
+    import string
+
+    from tests.test_bad_data import _member, _rewrite
+
+    train = shutil.copytree(synth_data / "train", tmp_path / "train")
+    word = "".join(random.Random(0).choice(string.ascii_lowercase) for _ in range(1 << 20)).encode()
+    _rewrite(train / "00001.tar", _member("0000104.txt", lambda d: word))
+    run = tmp_path / "run"
+    # one epoch (3 steps of 16 of the 48 samples): the long caption's sample is in it
+    assert main(["train", *tiny_overrides(run, str(train / "{00000..00002}.tar"), train__max_steps=3)]) == 0
+    done = json.loads((run / "done.json").read_text())
+    assert done["captions_cut"] == 1 and done["bad_samples"] == 0
+    assert done["train_wall_s"] < 60  # seconds for 3 steps; the uncut word alone would take hours
+    assert "1 caption(s) longer than 1024 bytes are cut" in capsys.readouterr().err

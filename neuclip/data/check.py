@@ -221,7 +221,8 @@ def survey(paths: Iterable[str | Path], need_ids: bool = True, on_index=None, da
 
     `on_index(shard_number, ShardIndex)` sees each readable shard's index (the checker decodes from it). With
     `data_size` (the id space: max id + 1, from `data_size_from`), a sample whose id is at or above it is a bad
-    sample, named: `neuclip data check` and `neuclip train` give it the same verdict.
+    sample, named (`data_size_from` says where the value came from, e.g. "data_size 216 (from dataset.yaml)"):
+    `neuclip data check` and `neuclip train` give it the same verdict.
     """
     shards = [str(p) for p in paths]
     sv = Survey(shards, [], [], np.zeros(len(shards), dtype=np.int64))
@@ -248,8 +249,8 @@ def survey(paths: Iterable[str | Path], need_ids: bool = True, on_index=None, da
             if data_size is not None:
                 over = valid[index.ids[valid] >= data_size]
                 for i in over:
-                    sv.problems.append(Problem(shard, index.key(int(i)), f"sample id {int(index.ids[i])} >= "
-                                               f"{data_size_from} ({data_size}): {ID_FIX}"))
+                    sv.problems.append(Problem(shard, index.key(int(i)),
+                                               f"sample id {int(index.ids[i])} >= {data_size_from}: {ID_FIX}"))
                 bad[over] = True
                 valid = valid[index.ids[valid] < data_size]
             if len(valid):

@@ -113,8 +113,8 @@ def data_size_source(shards: list[str], data_size: int) -> str:
     """How a message names the id space `data_size`: with the dataset.yaml it came from, when it came from one."""
     declared = declared_data_size(shards)
     if declared is not None and declared[0] == data_size:
-        return f"data_size (from {', '.join(map(str, declared[1]))})"
-    return "data_size"
+        return f"data_size {data_size} (from {', '.join(map(str, declared[1]))})"
+    return f"data_size {data_size}"
 
 
 def data_size_of(shards: list[str]) -> tuple[int, str]:

@@ -127,7 +127,7 @@ class TrainData:
 
     def __init__(
         self, shards: list[str], *, seed: int, global_batch: int, block: int, skip_bad: bool, report: bool = True,
-        data_size: int | None = None,
+        data_size: int | None = None, max_caption_bytes: int | None = None,
     ):
         self.shards, self.seed, self.B, self.skip_bad = list(shards), seed, global_batch, skip_bad
         # an id at or above data_size is a bad sample, as `neuclip data check` says (skipped under skip_bad)
@@ -153,6 +153,22 @@ class TrainData:
             )
         self.max_id = sv.max_id
         self._indexes: OrderedDict = OrderedDict()
+        self.max_caption_bytes = max_caption_bytes
+        self.captions_cut = self._captions_over(max_caption_bytes) if max_caption_bytes else 0
+        if report and self.captions_cut:
+            print(f"neuclip data: {self.captions_cut} caption(s) longer than {max_caption_bytes} bytes are cut to "
+                  "that length before tokenising (data.max_caption_bytes)", file=sys.stderr)
+
+    def _captions_over(self, limit: int) -> int:
+        """Usable samples whose caption is longer than `limit` bytes (the .txt sizes in the shards' index)."""
+        total = 0
+        for s in range(len(self.shards)):
+            if self.survey.samples[s] is None:
+                continue
+            sizes = self.index(s).text[:, 1]
+            usable = self.survey.usable[s]
+            total += int((sizes[usable] > limit).sum() if usable is not None else (sizes > limit).sum())
+        return total
 
     def fingerprint(self) -> str:
         """Changes when the shard list or any shard's usable samples change (a resume must then stop)."""
@@ -262,6 +278,14 @@ class BatchDataset(Dataset):
                 raise DataError(f"{named} (set data.skip_bad=true to skip it)") from None
             return Image.new("RGB", (64, 64)), (named if epoch == 0 else None)
 
+    def _caption(self, shard: str, index, i: int) -> str:
+        """The caption, read up to data.max_caption_bytes (a cut inside a multi-byte character drops it)."""
+        offset, size = map(int, index.text[i])
+        limit = self.data.max_caption_bytes
+        if limit and size > limit:
+            return self.reader.read(shard, offset, limit).decode("utf-8", errors="ignore")
+        return self.reader.read(shard, offset, size).decode("utf-8")
+
     def __getitem__(self, step: int) -> dict:
         epoch, start, stop = self.data.positions(step, self.rank, self.world)
         shards, nth = self.data.order.locate(epoch, start, stop)
@@ -275,7 +299,7 @@ class BatchDataset(Dataset):
                 i = n if usable is None else int(usable[n])
                 key = index.key(i)
                 try:
-                    texts.append(self.reader.read(shard, *map(int, index.text[i])).decode("utf-8"))
+                    texts.append(self._caption(shard, index, i))
                 except ShardError as err:
                     raise DataError(f"{err}: the shard changed since it was indexed; rerun") from None
                 image, problem = self._image(index, i, shard, key, epoch, p)
@@ -358,7 +382,8 @@ class TrainLoader:
 
     def bad_counts(self) -> dict:
         """Bad samples (left out by the survey, plus undecodable images met) and bad shards; collective."""
-        return {"bad_samples": self.data.bad_samples + self._decoded_total(), "bad_shards": self.data.bad_shards}
+        return {"bad_samples": self.data.bad_samples + self._decoded_total(), "bad_shards": self.data.bad_shards,
+                "captions_cut": self.data.captions_cut}
 
     def state(self) -> dict:
         """The checkpoint's data entry: the next step, and what the order depends on (checked on resume).

@@ -133,6 +133,7 @@ def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
         skip_bad=d["skip_bad"],
         report=proc.rank == 0,
         data_size=d["data_size"],
+        max_caption_bytes=d["max_caption_bytes"],
     )
     if data.max_id >= d["data_size"]:
         from neuclip.data.keys import id_beyond
