@@ -311,12 +311,13 @@ SCHEMA = REPO / "workflows" / "schema.yaml"
 def schema() -> dict:
     """The experiment schema with its enums filled from the registries: methods from the estimator classes,
     data sets from datasets.yaml (workflows/schema.yaml leaves them empty, so no list is written twice)."""
-    from neuclip.estimators.registry import method_names
+    from neuclip.estimators.registry import METHOD_NAME, method_names
     from neuclip.train.config import RESOURCE_KEYS
     from neuclip.train.config import SCHEMA as TRAIN_SCHEMA
 
     doc = yaml_load(SCHEMA.read_text())
     doc["definitions"]["method"]["enum"] = method_names()
+    doc["properties"]["cells"]["items"]["pattern"] = f"^[A-Za-z0-9_]+/{METHOD_NAME}$"
     doc["definitions"]["dataset"]["enum"] = list(_registry_file())
     # resources: the train config's launcher keys (one table, neuclip/train/schema.yaml), but executor and site
     launcher = TRAIN_SCHEMA["properties"]["launcher"]["properties"]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,17 +46,28 @@ print(json.dumps({
 """
 
 
-def test_a_new_estimator_file_is_found_everywhere():
-    name = f"throwaway{os.getpid()}"
+@pytest.mark.slow
+def test_a_new_estimator_file_is_found_everywhere(tmp_path):
+    """...and its name may hold digits and underscores: the workflow schedules its cell (`snakemake -n`)."""
+    name = f"throw_away2_{os.getpid()}"
     path = REPO / "baselines" / f"{name}.py"
     path.write_text(THROWAWAY.format(name=name))
+    experiment = tmp_path / "exp.yaml"
+    tiny = yaml.safe_load((REPO / "workflows/configs/tiny.yaml").read_text())
+    experiment.write_text(yaml.safe_dump({**tiny, "methods": [name], "error_study": None, "drivers": None}))
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
     try:
         listing = subprocess.run([sys.executable, "-m", "neuclip.cli", "methods", "--options"], cwd=REPO,
                                  capture_output=True, text=True, check=True).stdout
         probe = subprocess.run([sys.executable, "-c", f"NAME = {name!r}\n" + PROBE], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout
+        dag = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-d",
+                              str(tmp_path / "work"), "-n", "all", "--configfile", str(experiment)],
+                             capture_output=True, text=True, env=env, timeout=300)
     finally:
         path.unlink()
+    assert dag.returncode == 0, dag.stdout[-3000:] + dag.stderr[-3000:]
+    assert f"runs/tiny/synthetic/{name}/default/seed0/done.json" in dag.stdout, dag.stdout[-3000:]
     found = json.loads(probe)
     assert f"{name}  test-only estimator" in listing and "knob = 1.0" in listing
     assert name in found["enum"]

@@ -5,9 +5,11 @@
 # train_config's params. Its run settings (resources, launcher, loader workers, log and checkpoint intervals,
 # error tracking) reach the command as untracked overrides, current at run time (neuclip/workflow.py).
 
+from neuclip.estimators.registry import METHOD_NAME
+
 wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
-    method="[a-z]+",
+    method=METHOD_NAME,
     variant="[^/]+",
     seed=r"\d+",
     suite="[a-z0-9_]+",

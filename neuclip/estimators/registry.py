@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import re
 import warnings
 
 from neuclip.estimators.base import Estimator, EstimatorContext
@@ -20,6 +21,9 @@ from neuclip.estimators.options import OptionError, check
 ESTIMATOR_PACKAGES = ("baselines",)
 ESTIMATOR_MODULES = ("neuclip.neuclip",)
 SCORED_KINDS = ("state", "minibatch")  # estimate kinds the error study can score (docs/method.md §6.3)
+# A method's name, everywhere it appears (configs, the experiment schema, Snakemake's wildcards, run folders,
+# job names): a lowercase identifier.
+METHOD_NAME = r"[a-z][a-z0-9_]*"
 
 
 @functools.cache
@@ -34,6 +38,9 @@ def _classes() -> dict[str, type[Estimator]]:
         for obj in vars(module).values():
             if (isinstance(obj, type) and issubclass(obj, Estimator) and obj.__module__ == module_name
                     and obj.__dict__.get("name")):
+                if not re.fullmatch(METHOD_NAME, obj.name):
+                    raise RuntimeError(f"{module_name}: estimator name {obj.name!r} must match {METHOD_NAME} (a "
+                                       "lowercase identifier: it names run folders, wildcards and jobs)")
                 if obj.name in found and found[obj.name] is not obj:
                     raise RuntimeError(f"two estimators are named {obj.name!r}: {found[obj.name]} and {obj}")
                 found[obj.name] = obj
