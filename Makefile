@@ -8,7 +8,7 @@ I2D_VENV ?= .venv-img2dataset
 CORES ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install img2dataset debs demo test lint gpu-check clean-tiny
+.PHONY: install img2dataset debs demo test check lint gpu-check clean-tiny
 
 install: $(VENV)/.installed $(I2D_VENV)/.installed
 
@@ -36,6 +36,11 @@ lint: install
 
 test: install debs lint
 	$(BIN)/pytest
+
+# The inner loop: ruff and the in-process tests (no process, pipeline or cluster is started: those carry the
+# `slow` or `slurm` marker and run in `make test`). About a minute on 2 cores.
+check: install lint
+	$(BIN)/pytest -q -m "not slow and not slurm and not gpu"
 
 # On a machine with a CUDA GPU: the CUDA-path tests (bf16, single GPU without NCCL, GPU vs CPU) and the
 # estimator step costs at paper shapes on the GPU. Not part of `make test` (no GPU there).

@@ -12,7 +12,7 @@ id of the global batch is known everywhere. Where the state lives is `state_plac
 - `replicated` (default): every rank stores all n ids and applies the same update to the whole batch;
 - `sharded`: id i is stored by rank i % world only (neuclip/estimators/sharding.py), which updates it and
   shares the new value of the batch's ids by one all-reduce; 2 n / world floats per rank, and each rank
-  checkpoints its own shard (the paper and DataComp grids use it).
+  checkpoints its own shard (the DataComp grid uses it; the paper grid keeps the default).
 Both give the state of a single-process run on the whole batch, bit for bit (the update is elementwise).
 """
 

@@ -114,6 +114,7 @@ def _in_memory_row(synth_data, method: str, shards_of_world: int):
     return measure(est, image, text, ids, anchor_positions(image.shape[0], 20, 3), 8, 3)
 
 
+@pytest.mark.slow  # 1-3 gloo processes
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_streaming_pass_on_1_2_3_processes_equals_the_one_process_pass(world, synth_data, tmp_path):
     if world == 1:

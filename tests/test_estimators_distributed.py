@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from neuclip.estimators import Batch, EstimatorContext, build_estimator, method_names
 
+pytestmark = pytest.mark.slow  # 2 gloo processes per case
+
 B, D_IN, D, STEPS, N = 8, 6, 4, 3, 24
 
 

@@ -25,6 +25,8 @@ from neuclip.estimators.sharding import IdShards, reshard
 from tests import test_estimators_distributed as distributed
 from tests.test_estimators_distributed import Encoder, free_port
 
+pytestmark = pytest.mark.slow  # 2 gloo processes per case
+
 B, D, STEPS, N = distributed.B, distributed.D, 6, 40  # the batch and encoder of the 1-vs-2-process tests
 PER_SAMPLE = ["sogclr", "isogclr", "fastclip"]
 SHARDED_KEYS = {"a1", "a2", "tau1", "tau2", "m1", "m2", "v1", "v2", "visits"}

@@ -119,6 +119,7 @@ def test_a_finished_run_is_recognised_from_its_folder_and_exported_here(synth_da
     assert ckpt.list_checkpoints(run_dir / "checkpoints")[-1][0] == 2 and jobs.final_checkpoint(cfg) is None
 
 
+@pytest.mark.slow  # driver and job processes
 def test_a_waiter_stops_with_its_driver_and_the_job_goes_on(tmp_path):
     """Driver -> shell -> waiter, as Snakemake -> bash -> `neuclip train`: SIGKILL the driver, and the waiter
     (orphaned below a surviving shell) stops by itself while the job runs on, for a later re-attach."""

@@ -47,6 +47,7 @@ def _values(summary: dict) -> dict:
     return {task: entry["value"] for task, entry in summary["tasks"].items()}
 
 
+@pytest.mark.slow  # submitit local jobs
 def test_eval_job_equals_in_process_and_names_its_cell(trained, synth_data, tmp_path):
     from neuclip.eval.runner import evaluate_suite
     from neuclip.jobs import job_name
@@ -92,6 +93,7 @@ def test_eval_job_equals_in_process_and_names_its_cell(trained, synth_data, tmp_
     assert json.loads((out / "job.json").read_text())["job_id"] != record["job_id"]
 
 
+@pytest.mark.slow  # submitit local jobs
 def test_error_run_job_writes_the_in_process_row(trained, tmp_path):
     from neuclip.error_study.run_error import score_run
 

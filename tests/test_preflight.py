@@ -40,6 +40,7 @@ def test_shipped_grids_pass_the_preflight_under_slurm(name):
         assert xlarge.state_gib_per_rank == pytest.approx(40 * 12.8e9 / 256 / 2**30, rel=1e-6)
 
 
+@pytest.mark.slow  # snakemake process
 def test_snakemake_dry_run_with_the_slurm_profile_passes_the_preflight():
     # no cluster answers here (the test cluster's SLURM_CONF left out): the grid's own checks only; the
     # requests against a cluster's nodes are test_stage_requests_are_checked_against_the_cluster_nodes

@@ -120,6 +120,7 @@ def test_epoch_order_is_a_bijection_blockwise():
         order.locate(0, 20, 23)
 
 
+@pytest.mark.slow  # loader worker processes
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_same_global_batches_with_any_workers_and_ranks(synth_data, tools):
     shards = [str(synth_data / "train" / f"0000{i}.tar") for i in range(3)]
@@ -135,6 +136,7 @@ def test_same_global_batches_with_any_workers_and_ranks(synth_data, tools):
         assert _same(ref, merged), (world, workers)
 
 
+@pytest.mark.slow  # loader worker processes
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_resume_that_changes_workers_and_world_is_bit_identical(synth_data, tools):
     shards = [str(synth_data / "train" / f"0000{i}.tar") for i in range(3)]

@@ -12,6 +12,7 @@ from neuclip.train import checkpoint as ckpt
 from neuclip.train.testing import run_attempts, tensors_equal, tiny_config
 
 
+@pytest.mark.slow  # loader worker processes
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_resume_with_other_workers_is_bit_identical(synth_data, tmp_path):
     from neuclip.train.trainer import train

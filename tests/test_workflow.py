@@ -54,6 +54,7 @@ def test_schema_enums_come_from_the_registries():
     assert static["method"]["enum"] == [] and static["dataset"]["enum"] == []  # no second list to keep in step
 
 
+@pytest.mark.slow  # snakemake process
 def test_paper_grid_dry_run_lists_the_expected_jobs():
     out = subprocess.run(
         [*SNAKEMAKE, "-n", "all", "--configfile", str(CONFIGS / "paper.yaml"), "--quiet", "rules"],
