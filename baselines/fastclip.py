@@ -24,8 +24,8 @@ import torch
 from baselines.per_sample import PerSampleEstimator
 from neuclip.estimators.base import Batch, EstimatorContext, StepOutput
 from neuclip.estimators.ops import GlobalView, fcco_weights, gradient_neutral, log_eps_g
-from neuclip.estimators.options import choice, number
-from neuclip.estimators.temperature import TEMPERATURE_OPTIONS, LearnableTemperature
+from neuclip.estimators.options import choice
+from neuclip.estimators.temperature import RHO, TAU_GRAD, TEMPERATURE_OPTIONS, LearnableTemperature
 
 VERSIONS = {"v0": ("gcl", True), "v1": ("gcl", False), "v3": ("rgclg", True)}
 
@@ -72,12 +72,6 @@ class GlobalContrastive(LearnableTemperature, PerSampleEstimator):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         self.project_temperature()
-
-
-RHO = number(6.5, "rho of RGCL(-g): the temperature's penalty weight", minimum=0, shared=True)
-TAU_GRAD = choice("public", ("public", "exact"),
-                  "form of the global tau gradient (docs/method.md §3; docs/methods.md for the default)",
-                  shared=True)
 
 
 class FastCLIP(GlobalContrastive):

@@ -33,12 +33,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from baselines.fastclip import RHO, TAU_GRAD
 from neuclip.estimators.base import Batch, Estimator, EstimatorContext, StepOutput
 from neuclip.estimators.inner import InnerOptimizer
 from neuclip.estimators.ops import GlobalView, gather_no_grad, gradient_neutral, log_eps_g, world
 from neuclip.estimators.options import boolean, choice, integer, number
-from neuclip.estimators.temperature import TEMPERATURE_OPTIONS, LearnableTemperature
+from neuclip.estimators.temperature import RHO, TAU_GRAD, TEMPERATURE_OPTIONS, LearnableTemperature
 from neuclip.nets import MATMULS, MLPNPN, PrototypeNPN
 
 CHOICES = {

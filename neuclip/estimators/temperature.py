@@ -37,6 +37,14 @@ TEMPERATURE_OPTIONS = {
 }
 
 
+# The RGCL-g objective's knobs, shared by every method with a learned global tau on it (FastCLIP-v3, NeuCLIP):
+# declared here, with the estimator interface, so no method imports another's file for them.
+RHO = number(6.5, "rho of RGCL(-g): the temperature's penalty weight", minimum=0, shared=True)
+TAU_GRAD = choice("public", ("public", "exact"),
+                  "form of the global tau gradient (docs/method.md §3; docs/methods.md for the default)",
+                  shared=True)
+
+
 class LearnableTemperature:
     """Mixin for an Estimator with cfg keys tau_init, tau_min, lr_tau, tau_lr_threshold, tau_schedule."""
 
