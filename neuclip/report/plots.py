@@ -34,7 +34,7 @@ def training_curves(runs: list[Run], folder: Path) -> list[tuple[str, str]]:
             if r.column == col:
                 rows = read_metrics(r)
                 if rows:
-                    frames.append(pd.DataFrame(rows).assign(method=r.method, run=r.path))
+                    frames.append(pd.DataFrame(rows).assign(method=r.method, name=r.method_name, run=r.path))
         if not frames:
             continue
         data = pd.concat(frames, ignore_index=True)
@@ -48,9 +48,9 @@ def training_curves(runs: list[Run], folder: Path) -> list[tuple[str, str]]:
                 if part.empty:
                     continue
                 stats = part.groupby("step")[key].agg(["mean", "min", "max"]).sort_index()
-                n = part["run"].nunique()
-                ax.plot(stats.index, stats["mean"], label=f"{method} ({n} seed{'s' if n > 1 else ''})")
-                ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2)
+                n, colour = part["run"].nunique(), ERROR_COLOURS.get(part["name"].iloc[0])  # the registry's colour
+                ax.plot(stats.index, stats["mean"], color=colour, label=f"{method} ({n} seed{'s' if n > 1 else ''})")
+                ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2, color=colour)
             ax.set_xlabel("training step")
             ax.set_ylabel(YLABELS.get(key, f"{key} (as logged)"))
             ax.set_title(key)
