@@ -71,6 +71,24 @@ def _zero_shot_prompts(data: ClusteredPairs) -> torch.Tensor:
 def run(cfg: DriverRun) -> dict:
     """Train and score one run; one result row."""
     started, cpu_started = time.perf_counter(), time.process_time()
+    data, encoder, estimator, options, tau_path = train(cfg)
+    train_s, train_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    row = {"method": cfg.method, "label": estimator_class(cfg.method).label_for(options), "n": cfg.n,
+           "batch_size": cfg.batch_size, "n_over_b": cfg.n / cfg.batch_size, "steps": cfg.steps,
+           "epochs": cfg.steps / (cfg.n // cfg.batch_size), "seed": cfg.seed,
+           "tau_mode": "learned" if cfg.fixed_tau is None else f"fixed {cfg.fixed_tau:g}",
+           "rho": options.get("rho"), "final_tau": estimator.temperature(), "tau_path": tau_path}
+    t0, c0 = time.perf_counter(), time.process_time()
+    encoder.eval()
+    row |= _downstream(cfg, data, encoder)
+    row |= _own_error(cfg, data, encoder, estimator)
+    row |= {"train_s": train_s, "train_cpu_s": train_cpu, "score_s": time.perf_counter() - t0,
+            "score_cpu_s": time.process_time() - c0}
+    return row
+
+
+def train(cfg: DriverRun):
+    """(data, the trained encoder, the estimator, its options, tau every 5 % of the run)."""
     data = ClusteredPairs(cfg.seed, cfg.dim_in, cfg.clusters, cfg.noise)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(cfg.seed, "encoder"))
@@ -102,19 +120,7 @@ def run(cfg: DriverRun) -> dict:
         step_fn(x, y, ids, step, lambda: False)
         if (step + 1) % max(1, cfg.steps // 20) == 0:
             tau_path.append(round(estimator.temperature(), 5))
-    train_s, train_cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    row = {"method": cfg.method, "label": estimator_class(cfg.method).label_for(options), "n": cfg.n,
-           "batch_size": cfg.batch_size, "n_over_b": cfg.n / cfg.batch_size, "steps": cfg.steps,
-           "epochs": cfg.steps / spe, "seed": cfg.seed,
-           "tau_mode": "learned" if cfg.fixed_tau is None else f"fixed {cfg.fixed_tau:g}",
-           "rho": options.get("rho"), "final_tau": estimator.temperature(), "tau_path": tau_path}
-    t0, c0 = time.perf_counter(), time.process_time()
-    encoder.eval()
-    row |= _downstream(cfg, data, encoder)
-    row |= _own_error(cfg, data, encoder, estimator)
-    row |= {"train_s": train_s, "train_cpu_s": train_cpu, "score_s": time.perf_counter() - t0,
-            "score_cpu_s": time.process_time() - c0}
-    return row
+    return data, encoder, estimator, options, tau_path
 
 
 @torch.no_grad()
