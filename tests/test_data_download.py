@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -330,3 +333,61 @@ def test_key_scheme_matches_img2dataset_defaults():
     assert keys.img2dataset_key(331, 8332, 10000, 5) == "003318332"  # CC3M's last row -> data_size 3,318,333
     assert keys.img2dataset_key(3, 7, 1024, 5) == "000030007"
     assert dl.key_space([dl.ShardStats(331, "00331.tar", 8333, 8000, 333, 0)], 10000) == 3318333
+
+
+def test_a_rerun_with_another_url_list_is_refused_before_img2dataset(tmp_path):
+    """A folder resumes from the list it started with (another would mix two lists' rows under one key scheme
+    while dataset.yaml said every row of the first was done); --other-list adds the rows knowingly."""
+    first, second, out = tmp_path / "a.tsv", tmp_path / "b.tsv", tmp_path / "out"
+    first.write_text("caption\turl\ncat\thttp://127.0.0.1:9/a.jpg\n")
+    second.write_text("caption\turl\ndog\thttp://127.0.0.1:9/b.jpg\n")
+    out.mkdir()
+    (out / dl.INPUT).write_text(f"{dl.input_digest(first, 'tsv')}  {first}\n")  # as a first run leaves it
+    with pytest.raises(dl.DownloadError, match=r"was downloaded from another URL list .* --other-list"):
+        dl.download("cc3m", second, out)
+    assert (out / dl.INPUT).read_text().startswith(dl.input_digest(first, "tsv"))  # the record is kept
+
+
+def test_a_url_list_without_its_header_is_named_before_img2dataset(tmp_path):
+    urls = tmp_path / "u.tsv"
+    urls.write_text("a cat\thttp://127.0.0.1:9/a.jpg\n")  # no 'caption<TAB>url' line
+    with pytest.raises(dl.DownloadError, match=r"u.tsv: no column 'url', 'caption' in its header"):
+        dl.download("cc3m", urls, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_cells_stay_one_line():
+    stats = [dl.ShardStats(0, "00000.tar", 3, 1, 2, 0, {"Exceeded 30 redirects.\nHistory: a | b": 2})]
+    table = dl.report_table(stats)
+    row = next(line for line in table.splitlines() if line.startswith("| 00000.tar"))
+    assert "Exceeded 30 redirects. History: a \\| b ×2" in row
+    assert all(line.count("|") - line.count("\\|") in (7, 3) for line in table.splitlines() if line.startswith("|"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_download_stops_img2datasets_whole_process_group(tmp_path, sig):
+    """A stand-in for img2dataset (NEUCLIP_IMG2DATASET) starts a worker and waits; interrupting `neuclip data
+    download` must stop the worker too (img2dataset's workers went on writing a shard after SIGINT)."""
+    worker_pid = tmp_path / "worker.pid"
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!/bin/bash\nsleep 300 &\necho $! > {worker_pid}\necho img2dataset 0.0\nwait\n")
+    fake.chmod(0o755)
+    urls = tmp_path / "u.tsv"
+    urls.write_text("caption\turl\ncat\thttp://127.0.0.1:9/a.jpg\n")
+    env = {**os.environ, "NEUCLIP_IMG2DATASET": str(fake)}
+    proc = subprocess.Popen([sys.executable, "-m", "neuclip.cli", "data", "download", "cc3m", "--url-list", str(urls),
+                             "--out", str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (worker_pid.exists() and worker_pid.read_text().strip()):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.1)
+    pid = int(worker_pid.read_text())
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    deadline = time.time() + 30
+    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+        assert time.time() < deadline, f"img2dataset's worker {pid} outlived the interrupted download"
+        time.sleep(0.1)

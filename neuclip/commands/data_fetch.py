@@ -30,6 +30,8 @@ def register(data_sub) -> None:
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
         help="one img2dataset option over the recipe and --config, e.g. processes_count=32 (repeatable)",
     )  # fmt: skip
+    dl.add_argument("--other-list", action="store_true",
+                    help="resume a folder with a URL list other than the one it started from (its rows are added)")
     dl.set_defaults(func=run_download)
 
     fe = data_sub.add_parser(
@@ -61,7 +63,7 @@ def run_download(args) -> int:
             if not isinstance(site, dict):
                 raise DownloadError(f"--config {args.config}: expected a mapping of img2dataset options")
         site.update(parse_sets(args.sets))
-        download(args.dataset, args.url_list, args.out, site)
+        download(args.dataset, args.url_list, args.out, site, other_list=args.other_list)
     except DownloadError as err:
         print(f"neuclip data download: {err}", file=sys.stderr)
         return 1

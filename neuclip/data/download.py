@@ -20,12 +20,15 @@ img2dataset starts and written again after it (it is derived from the stats file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +188,7 @@ def report_table(stats: list[ShardStats]) -> str:
     """Markdown: one row per shard, then the failures of all shards by reason."""
     lines = ["| shard | rows | written | failed download | failed resize | reasons |", "|---|---:|---:|---:|---:|---|"]
     for s in stats:
-        why = "; ".join(f"{r} ×{n}" for r, n in sorted(s.reasons.items(), key=lambda x: -x[1])[:3])
+        why = "; ".join(f"{_cell(r)} ×{n}" for r, n in sorted(s.reasons.items(), key=lambda x: -x[1])[:3])
         lines.append(
             f"| {s.name} | {s.count} | {s.successes} | {s.failed_to_download} | {s.failed_to_resize} | {why} |"
         )
@@ -198,8 +201,13 @@ def report_table(stats: list[ShardStats]) -> str:
         f"{sum(s.failed_to_resize for s in stats)} | |"
     )
     lines += ["", "| failure reason | samples |", "|---|---:|"]
-    lines += [f"| {reason} | {n} |" for reason, n in total.most_common()] or ["| (none) | 0 |"]
+    lines += [f"| {_cell(reason)} | {n} |" for reason, n in total.most_common()] or ["| (none) | 0 |"]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """A failure reason as one Markdown table cell: one line, pipes escaped (a redirect loop's is several lines)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def shard_pattern(out: Path, names: list[str]) -> str:
@@ -213,6 +221,90 @@ def shard_pattern(out: Path, names: list[str]) -> str:
 
 
 # -- the command ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stop_group_on_exit(proc: subprocess.Popen):
+    """SIGTERM becomes an exception here while img2dataset runs; on any exception (SIGINT's KeyboardInterrupt
+    included) its whole process group is sent SIGTERM, then SIGKILL after 10 s."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except BaseException:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+INPUT = "url_list.sha256"  # the URL list a folder is downloaded from (not *.json: img2dataset's resume globs those)
+
+
+def input_digest(url_list: Path, input_format: str) -> str:
+    """sha256 over the URL list's files (a folder: its *.FORMAT files, sorted, names included)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(url_list.glob(f"*.{input_format}")) if url_list.is_dir() else [url_list]
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as data:
+            for block in iter(lambda: data.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _same_list(out: Path, url_list: Path, opts: dict, other_list: bool) -> None:
+    """A folder resumes from the URL list it started with: another list would mix two lists' rows under one
+    key scheme while dataset.yaml still said every row of the first was done."""
+    digest = input_digest(url_list, opts["input_format"])
+    record = out / INPUT
+    if record.exists() and not other_list:
+        before = record.read_text().split()[0]
+        if before != digest:
+            raise DownloadError(
+                f"{out} was downloaded from another URL list (sha256 {before[:12]}... then, {digest[:12]}... now, "
+                f"{url_list}): resume with the same list, use another --out, or pass --other-list to add this "
+                "list's rows to the folder knowingly"
+            )
+    record.write_text(f"{digest}  {url_list}\n")
+
+
+def check_header(url_list: Path, opts: dict) -> None:
+    """The columns img2dataset will look for must be in the list's header (it fails after minutes otherwise)."""
+    kind = opts["input_format"].split(".")[0]
+    if kind == "txt":
+        return
+    files = sorted(url_list.glob(f"*.{opts['input_format']}")) if url_list.is_dir() else [url_list]
+    wanted = [c for c in (opts.get("url_col"), opts.get("caption_col")) if c]
+    for f in files:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.ParquetFile(f).schema_arrow.names
+        elif kind in ("tsv", "csv"):
+            with open(f, encoding="utf-8", errors="replace") as text:
+                columns = text.readline().rstrip("\r\n").split("\t" if kind == "tsv" else ",")
+        else:
+            return
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            shown = ", ".join(repr(c) for c in columns[:6])
+            raise DownloadError(
+                f"{f}: no column {', '.join(map(repr, missing))} in its header ({shown}): its first line must name "
+                f"the columns (url_col {opts.get('url_col')!r}, caption_col {opts.get('caption_col')!r}), e.g. "
+                f"'{(chr(9) if kind == 'tsv' else ',').join(wanted)}'"
+            )
 
 
 def _prepare(out: Path, opts: dict) -> None:
@@ -233,23 +325,28 @@ def _prepare(out: Path, opts: dict) -> None:
         )
 
 
-def download(dataset: str, url_list, out, site: dict | None = None, echo=print) -> dict:
+def download(dataset: str, url_list, out, site: dict | None = None, echo=print, other_list: bool = False) -> dict:
     """Run img2dataset (resuming), then write sizes.json, dataset.yaml and download_report.md; return the
     dataset.yaml content. Raises DownloadError when img2dataset fails or shards are still missing."""
     url_list, out = Path(url_list), Path(out).absolute()
     if not url_list.exists():
         raise DownloadError(f"--url-list {url_list} does not exist")
     opts = options(dataset, url_list, out, site)
+    check_header(url_list, opts)
     out.mkdir(parents=True, exist_ok=True)
     _prepare(out, opts)
+    _same_list(out, url_list, opts, other_list)
     rows = input_rows(url_list, opts["input_format"])
     python = img2dataset_python()
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
     log = out / "img2dataset.log"
     version, tail = None, []
+    # img2dataset in a process group of its own, stopped whole when this command is interrupted (SIGINT, SIGTERM):
+    # its worker processes would otherwise go on writing shards after we are gone
     with open(log, "a") as log_file, subprocess.Popen(
-        [python, "-c", RUNNER, json.dumps(opts)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
+        [python, "-c", RUNNER, json.dumps(opts)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    ) as proc, _stop_group_on_exit(proc):
         for line in proc.stdout:  # img2dataset's progress, shown and kept
             log_file.write(line)
             echo(line.rstrip("\n"))
