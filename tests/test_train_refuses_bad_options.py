@@ -62,3 +62,12 @@ def test_a_start_up_data_error_leaves_no_config_to_refuse_the_corrected_rerun(tm
     assert not (run_dir / "config.yaml").exists()
     assert main(["train", *overrides]) == 0, capsys.readouterr().err
     assert (run_dir / "done.json").exists()
+
+
+def test_epochs_that_round_to_no_step_are_refused(tmp_path, synth_data, capsys):
+    """`epochs: 0.0001` silently became one step; it now asks for max_steps."""
+    overrides = [o for o in tiny_overrides(tmp_path / "run", shards(synth_data)) if not o.startswith("train.max_steps")]
+    code = main(["train", *overrides, "train.epochs=0.0001"])
+    err = capsys.readouterr().err
+    assert code != 0 and "train.epochs (0.0001)" in err and "train.max_steps" in err, err
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -38,7 +38,14 @@ class Geometry:
         if batch % world:
             raise ConfigError(f"train.global_batch_size ({batch}) must be divisible by the world size ({world})")
         spe = max(1, (d["train_num_samples"] if num_samples is None else num_samples) // batch)
-        total = int(t["max_steps"]) if t["max_steps"] is not None else max(1, round(t["epochs"] * spe))
+        if t["max_steps"] is not None:
+            return cls(batch, spe, int(t["max_steps"]))
+        total = round(t["epochs"] * spe)
+        if total < 1:  # it silently became one step
+            raise ConfigError(
+                f"train.epochs ({t['epochs']}) is {t['epochs'] * spe:.3g} steps of the {spe} an epoch has at global "
+                f"batch {batch}: set train.max_steps for a run shorter than an epoch, or epochs >= {0.5 / spe:.3g}"
+            )
         return cls(batch, spe, total)
 
 
