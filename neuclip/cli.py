@@ -71,6 +71,7 @@ USER_ERRORS = [
     ("neuclip.preflight", "PreflightError"),
     ("neuclip.estimators.options", "OptionError"),
     ("neuclip.yamlio", "DuplicateKeyError"),
+    ("neuclip.launch", "SubmissionFailed"),
 ]
 
 

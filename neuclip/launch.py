@@ -38,6 +38,7 @@ import importlib
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def _submit_new(cfg: dict, kind: str = "train"):
     executor = cfg["launcher"]["executor"]
     ex = make_executor(cfg, kind)
     work = stages.work_key(kind, cfg)  # the inputs as the job will read them: stamped before it can start
-    job = ex.submit(Job(kind, cfg))
+    job = _submit_retrying(ex, Job(kind, cfg), cfg) if executor == "slurm" else ex.submit(Job(kind, cfg))
     if executor != "debug":
         name = job_name(cfg)
         write_job_record(
@@ -207,6 +208,43 @@ def _submit_new(cfg: dict, kind: str = "train"):
             flush=True,
         )
     return job
+
+
+# sbatch's words when the controller cannot be reached (a restart, a fail-over): worth another try
+TRANSIENT_SBATCH = ("unable to contact slurm controller", "socket timed out", "temporarily unable",
+                    "connection refused", "zero bytes were transmitted")
+
+
+class SubmissionFailed(RuntimeError):
+    """sbatch failed: not transient, or still failing after launcher.submit_retry_s."""
+
+
+def _submit_retrying(ex, job, cfg: dict, sleep=time.sleep):
+    """ex.submit, retried with backoff (5 s doubling to 60 s) for up to launcher.submit_retry_s (300 s) while sbatch
+    cannot reach the controller; each try is logged. A controller restart no longer costs a manual rerun."""
+    import submitit.core.utils
+
+    limit = cfg["launcher"]["submit_retry_s"]
+    limit = 300.0 if limit is None else float(limit)
+    started, wait, tries = time.monotonic(), 5.0, 0
+    while True:
+        tries += 1
+        try:
+            return ex.submit(job)
+        except submitit.core.utils.FailedJobError as err:
+            message = " ".join(str(err).split())
+            transient = any(t in message.lower() for t in TRANSIENT_SBATCH)
+            waited = time.monotonic() - started
+            if not transient or waited + wait > limit:
+                why = "" if transient else " (not a controller outage, so not retried)"
+                raise SubmissionFailed(
+                    f"sbatch failed after {tries} tr{'y' if tries == 1 else 'ies'} over {waited:.0f} s{why}: "
+                    f"{message}; check `sinfo` / `scontrol ping`, then rerun (finished stages are reused)"
+                ) from err
+            print(f"{KINDS[job.kind].command}: sbatch could not reach the controller (try {tries}: {message}); "
+                  f"retrying in {wait:.0f} s (launcher.submit_retry_s = {limit:.0f})", file=sys.stderr, flush=True)
+            sleep(wait)
+            wait = min(60.0, 2 * wait)
 
 
 def _finish_here(cfg: dict) -> int | None:

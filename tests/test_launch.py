@@ -289,3 +289,40 @@ def test_cli_config_errors_name_the_key(tmp_path, capsys):
     assert main(["train", "run_dir=x", "data.train_shards=x.tar", "train.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert "train.lrr" in err and "warmup_steps" in err
+
+
+class _FlakySbatch:
+    """An executor whose sbatch fails `failures` times with `message`, then submits."""
+
+    def __init__(self, failures: int, message: str):
+        self.failures, self.message, self.tries = failures, message, 0
+
+    def submit(self, job):
+        from submitit.core.utils import FailedJobError
+
+        self.tries += 1
+        if self.tries <= self.failures:
+            raise FailedJobError(self.message)
+        return "job"
+
+
+def test_sbatch_is_retried_while_the_controller_is_down(capsys):
+    """sbatch failing with 'Unable to contact slurm controller' is retried with backoff (each try logged) for
+    launcher.submit_retry_s; a non-transient failure is not retried; an outage longer than the limit fails,
+    naming sbatch's message."""
+    from neuclip.launch import Job, SubmissionFailed, _submit_retrying
+
+    down = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
+    cfg = {"launcher": {"submit_retry_s": 100}}
+    sleeps = []
+    ex = _FlakySbatch(3, down)
+    assert _submit_retrying(ex, Job("train", cfg), cfg, sleep=sleeps.append) == "job"
+    assert ex.tries == 4 and sleeps == [5.0, 10.0, 20.0]
+    assert capsys.readouterr().err.count("sbatch could not reach the controller") == 3
+    with pytest.raises(SubmissionFailed, match=r"after 1 try .*not a controller outage.*Invalid partition"):
+        _submit_retrying(_FlakySbatch(1, "sbatch: error: Invalid partition name"), Job("train", cfg), cfg,
+                         sleep=sleeps.append)
+    # a 30 s limit: waits of 5, 10 and 20 s fit, the next (40 s) would not
+    with pytest.raises(SubmissionFailed, match=r"after 4 tries .*Unable to contact slurm controller"):
+        _submit_retrying(_FlakySbatch(99, down), Job("train", cfg), {"launcher": {"submit_retry_s": 30}},
+                         sleep=lambda s: None)
