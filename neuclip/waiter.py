@@ -89,7 +89,9 @@ class _Waiter:
         self.seen_result = self.stale_result = self.pending_error = None
         self.errors: dict[int, str] = {}  # attempt number -> the exception that ended it
         self.n_attempts = len(self._attempts())
+        self.first_attempt = self.n_attempts + 1  # attempts before it belong to earlier jobs of this folder
         self.state, self.state_at, self.state_delay = None, 0.0, 1.0
+        self.reason = None  # SLURM's Reason for the state (a pending job's: Priority, ReqNodeNotAvail, ...)
         self.final_at = self.preempted_at = self.unknown_at = None
 
     # -- what there is to look at --------------------------------------------------------------------
@@ -114,6 +116,8 @@ class _Waiter:
             return "RUNNING" if pid_alive(int(self.job.job_id)) else "FINISHED"
         info = scontrol_job(str(self.job.job_id))
         state = info.get("JobState", "") if info else sacct_state(str(self.job.job_id))
+        reason = info.get("Reason") if info else None
+        self.reason = None if reason in (None, "", "None", "(null)") else reason
         return (state or "UNKNOWN").split("+")[0].upper()
 
     def _attempts(self) -> list[dict]:
@@ -130,14 +134,22 @@ class _Waiter:
         """Log each attempt the trainer has started since the last poll, and why the one before it ended."""
         attempts = self._attempts()
         for number in range(self.n_attempts + 1, len(attempts) + 1):
-            if number > 1:
-                why = self.errors.get(number - 1, "stopped by a signal")
-                start = attempts[number - 1].get("resumed_from_step")
-                where = f"resumes from step {start}" if start is not None else "resumes (finished work is kept)"
-                self._say(f"attempt {number - 1} was preempted or timed out ({why}); attempt {number} {where}")
+            start = attempts[number - 1].get("resumed_from_step")
+            where = f"resumes from step {start}" if start is not None else "resumes (finished work is kept)"
+            if number > self.first_attempt and self._same_job(attempts[number - 2]):
+                why = self.errors.get(number - 1, "it ended without a result: requeued by SLURM after a preemption, "
+                                                  "a time limit or a lost node")
+                self._say(f"attempt {number - 1} was stopped ({why}); attempt {number} {where}")
+            elif number > 1:  # the attempt before belongs to an earlier job of this folder: its story is not ours
+                self._say(f"attempt {number} of this folder starts in this job; it {where}")
             if self.pending_error is not None:  # an attempt followed it: it was not the job's last word
                 self.stale_result, self.pending_error = self.seen_result, None
         self.n_attempts = max(self.n_attempts, len(attempts))
+
+    def _same_job(self, attempt: dict) -> bool:
+        """Whether an attempt ran in the job this waiter follows (SLURM records the job id in each attempt)."""
+        recorded = attempt.get("slurm_job_id")
+        return recorded is None or not self.is_slurm or str(recorded) == str(self.job.job_id)
 
     def _read_result(self) -> int | None:
         result = self._result()
@@ -161,10 +173,13 @@ class _Waiter:
         """Ask the scheduler, backing off while nothing changes; sets final_at once the state is final."""
         if now < self.state_at:
             return
+        before = self.reason
         new = self._scheduler_state()
-        if new != self.state:
-            if self.state is not None:
-                self._say(f"{self.state} -> {new}")
+        if new != self.state or (new == "PENDING" and self.reason != before):
+            why = f" (SLURM's reason: {self.reason})" if self.reason and new in ("PENDING", "FAILED", "NODE_FAIL",
+                                                                                  "REQUEUED", "SUSPENDED") else ""
+            if self.state is not None or why:
+                self._say(f"{self.state or 'submitted'} -> {new}{why}")
             self.state, self.state_delay = new, 1.0
         self.state_delay = min(2 * self.state_delay, STATE_POLL_MAX_S if self.is_slurm else POLL_S)
         self.state_at = now + self.state_delay

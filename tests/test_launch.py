@@ -77,7 +77,7 @@ def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_da
         time.sleep(0.2)
     waiter.join()
     assert waited["rc"] == 0, "see the job's logs in " + str(job.paths.folder)
-    assert "attempt 1 was preempted or timed out" in capsys.readouterr().err
+    assert "attempt 1 was stopped (" in capsys.readouterr().err
     assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
     ref_proc.stderr.close()
 
@@ -326,3 +326,29 @@ def test_sbatch_is_retried_while_the_controller_is_down(capsys):
     with pytest.raises(SubmissionFailed, match=r"after 4 tries .*Unable to contact slurm controller"):
         _submit_retrying(_FlakySbatch(99, down), Job("train", cfg), {"launcher": {"submit_retry_s": 30}},
                          sleep=lambda s: None)
+
+
+def test_a_new_jobs_first_attempt_is_not_blamed_for_an_earlier_jobs_end(tmp_path, capsys):
+    """Attempts are kept per run folder; the waiter of job 22 must not say that attempt 1 (job 11, which died on
+    a full disk) 'was preempted', and it names SLURM's reason for a pending state."""
+    import json as _json
+    from types import SimpleNamespace
+
+    from neuclip import waiter as w
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "provenance.json").write_text(_json.dumps({"attempts": [{"slurm_job_id": "11"}]}))
+    job = SimpleNamespace(job_id="22", paths=SimpleNamespace(folder=tmp_path / "submitit"))
+    poller = w._Waiter(job, run_dir)
+    poller.is_slurm = True
+    attempts = [{"slurm_job_id": "11"}, {"slurm_job_id": "22", "resumed_from_step": 40},
+                {"slurm_job_id": "22", "resumed_from_step": 60}]
+    (run_dir / "provenance.json").write_text(_json.dumps({"attempts": attempts}))
+    poller._follow_attempts()
+    err = capsys.readouterr().err
+    assert "attempt 1 was stopped" not in err and "attempt 2 of this folder starts in this job" in err, err
+    assert "attempt 2 was stopped (it ended without a result: requeued by SLURM" in err, err
+    poller._scheduler_state = lambda: setattr(poller, "reason", "ReqNodeNotAvail") or "PENDING"
+    poller._update_state(0.0)
+    assert "-> PENDING (SLURM's reason: ReqNodeNotAvail)" in capsys.readouterr().err

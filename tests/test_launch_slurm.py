@@ -139,8 +139,8 @@ def test_a_waiting_launcher_follows_both_requeues_to_success(slurm_env, synth_da
     assert waiter.wait(timeout=300) == 0, err.read_text()[-3000:]
 
     log = err.read_text()
-    assert "attempt 1 was preempted or timed out (stopped by a signal)" in log, log
-    assert "attempt 2 was preempted or timed out (" in log and "Preempted: stopped by SIGTERM" in log, log
+    assert "attempt 1 was stopped (it ended without a result: requeued by SLURM" in log, log
+    assert "attempt 2 was stopped (" in log and "Preempted: stopped by SIGTERM" in log, log
     attempts = run_attempts(run_dir)
     assert len(attempts) == 3 and all(a["slurm_job_id"] == job_id for a in attempts), attempts
     assert 20 <= attempts[1]["resumed_from_step"] < attempts[2]["resumed_from_step"] < steps, attempts
