@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neuclip.data.shards import IMAGE_EXTS, ShardError, ShardIndex, expand_pattern, image_ext, shard_index
+from neuclip.data.samples import IMAGE_EXTS, image_ext, parse_id, record_problems  # noqa: F401 - re-exported
+from neuclip.data.shards import ShardError, ShardIndex, expand_pattern, shard_index
 
 SAMPLE_FIX = "re-download or drop those samples, or set skip_bad (--skip-bad, data.skip_bad=true) to skip them"
 ID_FIX = "correct its key (.json / __key__), or raise data_size to max id + 1 (the size of per-sample state)"
@@ -44,56 +45,6 @@ class BadImage(ValueError):
 
 
 # -- samples --------------------------------------------------------------------------------------------
-
-
-def parse_id(value) -> int | None:
-    """The sample id of a .json "key": a non-negative int, or a string of digits (img2dataset's form)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    return None
-
-
-def record_problems(
-    key: str, exts: Iterable[str], txt: bytes | None, meta: bytes | None, repeated: Iterable[str] = ()
-) -> tuple[int | None, list[tuple[str, str]]]:
-    """(id or None, [(kind, reason)]) of one sample from its member names, caption and .json bytes.
-
-    kind "id" marks problems with the sample id (those do not apply to sets read without ids).
-    """
-    exts = list(exts)
-    has = ", ".join("." + e for e in exts) or "nothing"
-    problems = []
-    if image_ext(exts) is None:
-        problems.append(("sample", f"no image (expected one of .{', .'.join(IMAGE_EXTS)}; has {has})"))
-    if txt is None:
-        problems.append(("sample", f"no caption (.txt missing; has {has})"))
-    else:
-        try:
-            if not txt.decode("utf-8").strip():
-                problems.append(("sample", "empty caption (.txt holds only whitespace)"))
-        except UnicodeDecodeError:
-            problems.append(("sample", "caption (.txt) is not UTF-8"))
-    problems += [("sample", f"member {name} appears twice in one sample") for name in repeated]
-    sample_id = None
-    if meta is None:
-        problems.append(("id", f"no .json (the sample id is its 'key'; has {has})"))
-    else:
-        try:
-            obj = json.loads(meta)
-        except ValueError as err:
-            obj, reason = None, f".json does not parse ({err})"
-        else:
-            reason = ".json is not an object with a 'key' (the sample id)"
-        if isinstance(obj, dict) and "key" in obj:
-            sample_id = parse_id(obj["key"])
-            reason = f".json 'key' {obj['key']!r} is not a non-negative integer (img2dataset keys are digits)"
-        if sample_id is None:
-            problems.append(("id", reason))
-    return sample_id, problems
 
 
 def open_image(data: bytes, ext: str):

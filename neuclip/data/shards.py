@@ -30,8 +30,9 @@ from pathlib import Path
 import braceexpand
 import numpy as np
 
+from neuclip.data.samples import IMAGE_EXTS, image_ext, record_problems  # noqa: F401 - IMAGE_EXTS: re-exported
+
 BLOCK = 512
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the one list: training, checker, eval sets, error pass
 INDEX_VERSION = 1
 INDEX_DIR = ".neuclip-index"
 _SPLIT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
@@ -44,12 +45,6 @@ class ShardError(Exception):
 def key_width(num_samples: int) -> int:
     """Digits in a sample key: 9 like img2dataset, more only when the ids need them."""
     return max(9, len(str(max(num_samples - 1, 0))))
-
-
-def image_ext(exts: Iterable[str]) -> str | None:
-    """The image member a sample is read from: the first of IMAGE_EXTS it has (None: it has none)."""
-    present = set(exts)
-    return next((e for e in IMAGE_EXTS if e in present), None)
 
 
 def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
@@ -189,7 +184,6 @@ def _stamp(path: Path) -> dict:
 
 def build_index(path: str | os.PathLike) -> ShardIndex:
     """Scan one shard (headers plus its .txt/.json members) into a ShardIndex; raises ShardError."""
-    from neuclip.data.check import record_problems
 
     path = Path(path)
     keys, ids, image, image_ext_i, text, problems = [], [], [], [], [], {}
