@@ -18,9 +18,27 @@ import json
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from neuclip.atomic import write_json
+
+
+# The kinds of job the launcher runs: how messages name each, what runs inside it, whether it is distributed.
+@dataclass(frozen=True)
+class Kind:
+    command: str  # how messages name it
+    run: str  # "module:function" called with the job's cfg inside the job (imported there: no torch here)
+    distributed: bool  # several tasks share the work; otherwise the job must have one task
+
+
+KINDS = {
+    "train": Kind("neuclip train", "neuclip.train.trainer:train", True),
+    "eval": Kind("neuclip eval", "neuclip.stages:run_eval", False),
+    # on the training cell's allocation; see stages.run_error for which ranks work
+    "error-run": Kind("neuclip error run", "neuclip.stages:run_error", True),
+    "error-sweep": Kind("neuclip error sweep", "neuclip.stages:run_sweep", False),
+}
 
 JOB_FILE = "job.json"
 

@@ -39,31 +39,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from neuclip import stages
-from neuclip.jobs import final_checkpoint, job_name, live_job, record_attempt, write_job_record
+from neuclip.jobs import KINDS, final_checkpoint, job_name, live_job, record_attempt, write_job_record
 from neuclip.train.config import tasks_per_node
 from neuclip.waiter import wait
 
 __all__ = ["KINDS", "Job", "TrainJob", "launch", "make_executor", "submit", "wait"]
-
-
-@dataclass(frozen=True)
-class Kind:
-    command: str  # how messages name it
-    run: str  # "module:function" called with the job's cfg inside the job (imported there: no torch here)
-    distributed: bool  # several tasks share the work; otherwise the job must have one task
-
-
-KINDS = {
-    "train": Kind("neuclip train", "neuclip.train.trainer:train", True),
-    "eval": Kind("neuclip eval", "neuclip.stages:run_eval", False),
-    # on the training cell's allocation; see stages.run_error for which ranks work
-    "error-run": Kind("neuclip error run", "neuclip.stages:run_error", True),
-    "error-sweep": Kind("neuclip error sweep", "neuclip.stages:run_sweep", False),
-}
 
 
 def _call(kind: str, cfg: dict):
@@ -355,3 +338,60 @@ def launch(cfg: dict, *, kind: str = "train", detach: bool = False, supersede: b
     status = wait(job, run_dir, label=command)
     return stages.restore_output(kind, cfg, job) if status == 0 and kind != "train" else status
 
+
+# -- the stage commands' side: `neuclip eval|error run|error sweep --launcher YAML` -------------------------
+
+
+def add_arguments(parser) -> None:
+    """--launcher and --detach for a stage command."""
+    parser.add_argument(
+        "--launcher",
+        metavar="YAML",
+        default=None,
+        help="run as a job with this launcher section (the train config's launcher keys: executor, site, nodes, "
+        "gpus_per_node, timeout_min, ...), as a YAML mapping or a file holding one, e.g. "
+        "'{executor: slurm, site: slurm/site.yaml, gpus_per_node: 1}'; default: in this process",
+    )
+    parser.add_argument(
+        "--detach", action="store_true", help="with --launcher: submit and return without waiting (prints the job id)"
+    )
+
+
+def parse_launcher(text: str) -> dict:
+    """A --launcher value (YAML mapping, or a YAML file) as a complete, validated launcher section."""
+    from neuclip.train.config import ConfigError, launcher_section, yaml_load
+
+    path = Path(text)
+    source = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
+    given = yaml_load(source)
+    if not isinstance(given, dict):
+        raise ConfigError(f"--launcher must be a YAML mapping (or a file holding one), got {text!r}")
+    return launcher_section(given)
+
+
+def run_meta(run_dir: Path) -> dict:
+    """The labels of a train run (its config.yaml's meta), for naming its stage jobs after its cell."""
+    from neuclip.yamlio import yaml_load
+
+    try:
+        return dict(yaml_load((Path(run_dir) / "config.yaml").read_text()).get("meta") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def launch_stage(kind: str, job_dir, args: dict, launcher: str, *, meta: dict, detach: bool = False) -> int:
+    """Run a stage command's work (`args`) as a `kind` job in `job_dir` with the --launcher value given."""
+    from neuclip.train.config import ConfigError
+
+    try:
+        la = parse_launcher(launcher)
+    except (ConfigError, OSError) as err:
+        print(f"{KINDS[kind].command}: launcher error: {err}", file=sys.stderr)
+        return 2
+    cfg = {"run_dir": str(Path(job_dir).resolve()), "launcher": la, "meta": meta, "args": args}
+    Path(cfg["run_dir"]).mkdir(parents=True, exist_ok=True)
+    try:
+        return launch(cfg, kind=kind, detach=detach)
+    except ConfigError as err:
+        print(f"{KINDS[kind].command}: error: {err}", file=sys.stderr)
+        return 2

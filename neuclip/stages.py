@@ -161,7 +161,7 @@ def _write_output(kind: str, cfg: dict, value) -> Path | None:
 def restore_output(kind: str, cfg: dict, job) -> int:
     """After a successful job: rewrite its output from its result if it is missing or not the job's (see the
     module doc)."""
-    from neuclip.launch import KINDS
+    from neuclip.jobs import KINDS
 
     outcome, value = _result(job.paths.folder, job.job_id)
     try:
@@ -178,8 +178,7 @@ def restore_output(kind: str, cfg: dict, job) -> int:
 def reuse_finished(kind: str, cfg: dict) -> int | None:
     """0 if the job folder's last job finished this very work successfully (its outputs restored if a rerun
     removed them), else None: then a job is needed."""
-    from neuclip.jobs import job_record
-    from neuclip.launch import KINDS
+    from neuclip.jobs import KINDS, job_record
 
     key, record = work_key(kind, cfg), job_record(Path(cfg["run_dir"]))
     if key is None or not record or record.get("kind") != kind or record.get("work") != key:
@@ -197,62 +196,3 @@ def reuse_finished(kind: str, cfg: dict) -> int | None:
     if isinstance(value, dict) and kind != "error-sweep":
         print(json.dumps(value), flush=True)
     return 0
-
-
-# -- the stage commands' side: `neuclip eval|error run|error sweep --launcher YAML` -------------------------
-
-
-def add_arguments(parser) -> None:
-    """--launcher and --detach for a stage command."""
-    parser.add_argument(
-        "--launcher",
-        metavar="YAML",
-        default=None,
-        help="run as a job with this launcher section (the train config's launcher keys: executor, site, nodes, "
-        "gpus_per_node, timeout_min, ...), as a YAML mapping or a file holding one, e.g. "
-        "'{executor: slurm, site: slurm/site.yaml, gpus_per_node: 1}'; default: in this process",
-    )
-    parser.add_argument(
-        "--detach", action="store_true", help="with --launcher: submit and return without waiting (prints the job id)"
-    )
-
-
-def parse_launcher(text: str) -> dict:
-    """A --launcher value (YAML mapping, or a YAML file) as a complete, validated launcher section."""
-    from neuclip.train.config import ConfigError, launcher_section, yaml_load
-
-    path = Path(text)
-    source = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
-    given = yaml_load(source)
-    if not isinstance(given, dict):
-        raise ConfigError(f"--launcher must be a YAML mapping (or a file holding one), got {text!r}")
-    return launcher_section(given)
-
-
-def run_meta(run_dir: Path) -> dict:
-    """The labels of a train run (its config.yaml's meta), for naming its stage jobs after its cell."""
-    from neuclip.yamlio import yaml_load
-
-    try:
-        return dict(yaml_load((Path(run_dir) / "config.yaml").read_text()).get("meta") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def launch_stage(kind: str, job_dir, args: dict, launcher: str, *, meta: dict, detach: bool = False) -> int:
-    """Run a stage command's work (`args`) as a `kind` job in `job_dir` with the --launcher value given."""
-    from neuclip.launch import KINDS, launch
-    from neuclip.train.config import ConfigError
-
-    try:
-        la = parse_launcher(launcher)
-    except (ConfigError, OSError) as err:
-        print(f"{KINDS[kind].command}: launcher error: {err}", file=sys.stderr)
-        return 2
-    cfg = {"run_dir": str(Path(job_dir).resolve()), "launcher": la, "meta": meta, "args": args}
-    Path(cfg["run_dir"]).mkdir(parents=True, exist_ok=True)
-    try:
-        return launch(cfg, kind=kind, detach=detach)
-    except ConfigError as err:
-        print(f"{KINDS[kind].command}: error: {err}", file=sys.stderr)
-        return 2

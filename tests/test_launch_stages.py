@@ -109,13 +109,13 @@ def test_error_run_job_writes_the_in_process_row(trained, tmp_path):
 def test_an_eval_job_requeued_mid_suite_keeps_its_finished_tasks(trained, synth_data, tmp_path):
     """USR2 (what a time limit sends) once the first task file exists: submitit requeues, the next attempt
     skips that task (its file is not rewritten) and finishes the others."""
-    from neuclip import launch, stages
+    from neuclip import launch
     from neuclip.eval.suites import suite_tasks
 
     out = tmp_path / "requeued"
     work = {"model_dir": str(trained / "model"), "suite": "tiny", "data_root": str(synth_data), "batch_size": 1,
             "workers": 0, "device": None, "precision": "datacomp"}
-    la = stages.parse_launcher("{executor: local, timeout_min: 5, max_num_timeout: 3}")
+    la = launch.parse_launcher("{executor: local, timeout_min: 5, max_num_timeout: 3}")
     cfg = {"run_dir": str(out), "launcher": la, "meta": {}, "args": work}
     out.mkdir()
     job = launch.submit(cfg, kind="eval")
@@ -161,7 +161,7 @@ def test_stage_launchers_follow_one_precedence_and_one_spelling():
     assert wf.stage_launcher(config, "error_run", "cc3m")["gpus_per_node"] == 4  # the cell's allocation
     assert all(la["executor"] == "slurm" and la["site"].endswith("slurm/site.yaml") for la in (train, ev, sweep))
     # the launcher completes a stage's section with the site's defaults (lowest): partition from the site
-    from neuclip.stages import parse_launcher
+    from neuclip.launch import parse_launcher
 
     assert parse_launcher(wf._flow(ev))["partition"] == "debug"
     for bad, new in (({"time_min": 5}, "timeout_min"), ({"additional_parameters": {}}, "slurm_additional_parameters")):
@@ -175,7 +175,7 @@ def test_stage_launchers_follow_one_precedence_and_one_spelling():
 
 def test_a_stage_that_runs_as_one_task_refuses_several():
     from neuclip.launch import make_executor
-    from neuclip.stages import parse_launcher
+    from neuclip.launch import parse_launcher
     from neuclip.train.config import ConfigError
 
     cfg = {"run_dir": "/tmp/x", "launcher": parse_launcher("{executor: slurm, gpus_per_node: 2}"), "meta": {}}

@@ -50,7 +50,7 @@ def register(sub) -> None:
     )
     parser.add_argument("--redo", action="store_true", help="recompute every task, ignoring finished task files")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    from neuclip.stages import add_arguments
+    from neuclip.launch import add_arguments
 
     add_arguments(parser)  # --launcher YAML (run as a job: OUT is its folder), --detach
     parser.set_defaults(func=run)
@@ -91,7 +91,7 @@ def _launch(args) -> int:
     """The evaluation as a job (neuclip/launch.py): OUT is the job folder, named after the run's cell."""
     from pathlib import Path
 
-    from neuclip.stages import launch_stage, run_meta
+    from neuclip.launch import launch_stage, run_meta
 
     model_dir = Path(args.model_dir).resolve()
     work = {
