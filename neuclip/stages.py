@@ -1,5 +1,6 @@
-"""The job kinds besides training (eval, error-run, error-sweep): their work inside the job, their outputs, and
-the stage commands' side of the launcher (`neuclip eval|error run|error sweep --launcher YAML`).
+"""The job kinds besides training (eval, error-run, error-sweep): their work inside the job and their outputs.
+(The stage commands' side of the launcher, `neuclip eval|error run|error sweep --launcher YAML`, is in
+neuclip/launch.py; the kinds themselves in neuclip/jobs.py.)
 
 Outputs and reruns. Each kind ends by writing one small file that Snakemake tracks (train done.json, eval
 summary.json, error-run error.json; the sweep its tables, all rebuilt from its errors.json), and its job
