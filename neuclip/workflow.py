@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from neuclip.yamlio import load_file, yaml_load
+from neuclip.yamlio import yaml_load
 
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY = REPO / "workflows" / "datasets.yaml"
@@ -329,22 +329,6 @@ def schema() -> dict:
         "properties": {k: {key: v for key, v in launcher[k].items() if key != "default"} for k in RESOURCE_KEYS},
     }
     return doc
-
-
-def load_experiment(paths: list[str | Path], **values) -> dict:
-    """Experiment config files merged in order (as Snakemake merges several --configfile), `values` over them
-    (as --config), validated, and shrunk when it asks for a rehearsal: what the Snakefile's workflow sees."""
-    from neuclip.rehearsal import rehearse
-
-    config: dict = {}
-    for path in paths:
-        config = deep_merge(config, load_file(path) or {})
-    config = deep_merge(config, values)
-    validate_config(config)
-    if config.get("rehearsal"):
-        config = rehearse(config)
-        validate_config(config)
-    return config
 
 
 def validate_config(config: dict) -> None:

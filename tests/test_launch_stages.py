@@ -174,8 +174,7 @@ def test_stage_launchers_follow_one_precedence_and_one_spelling():
 
 
 def test_a_stage_that_runs_as_one_task_refuses_several():
-    from neuclip.launch import make_executor
-    from neuclip.launch import parse_launcher
+    from neuclip.launch import make_executor, parse_launcher
     from neuclip.train.config import ConfigError
 
     cfg = {"run_dir": "/tmp/x", "launcher": parse_launcher("{executor: slurm, gpus_per_node: 2}"), "meta": {}}

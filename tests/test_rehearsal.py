@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import neuclip.workflow as wf
+from neuclip.experiment import load_experiment
 from neuclip.rehearsal import tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,8 +45,8 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 @pytest.mark.parametrize("name", ["paper", "ablations", "datacomp"])
 def test_only_sizes_shrink(name):
-    real = wf.load_experiment([CONFIGS / f"{name}.yaml"], launcher="slurm")
-    shrunk = wf.load_experiment([CONFIGS / f"{name}.yaml", REHEARSAL], launcher="slurm")
+    real = load_experiment([CONFIGS / f"{name}.yaml"], launcher="slurm")
+    shrunk = load_experiment([CONFIGS / f"{name}.yaml", REHEARSAL], launcher="slurm")
     real_runs = {(r.dataset, r.method, r.variant): r for r in reversed(wf.runs(real))}  # first seed wins
     shrunk_runs = {(r.dataset, r.method, r.variant): r for r in wf.runs(shrunk)}
     assert set(shrunk_runs) == set(real_runs)  # every data set, method and variant; one seed each
@@ -61,7 +62,7 @@ def test_only_sizes_shrink(name):
 
 
 def test_sampled_cells_cover_every_method_and_every_data_set():
-    config = wf.load_experiment([CONFIGS / "paper.yaml", REHEARSAL], rehearsal={"cells": "sample"})
+    config = load_experiment([CONFIGS / "paper.yaml", REHEARSAL], rehearsal={"cells": "sample"})
     runs = wf.runs(config)
     assert {r.method for r in runs if r.dataset == "cc3m"} == set(config["methods"])
     assert {r.dataset for r in runs} == set(config["datasets"])

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from neuclip.cli import main
+from neuclip.experiment import load_experiment
 from neuclip.train.testing import tiny_overrides
-from neuclip.workflow import load_experiment
 from neuclip.yamlio import DuplicateKeyError, yaml_load
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from neuclip.experiment import load_experiment
 from neuclip.yamlio import yaml_load
 
 
@@ -80,7 +81,7 @@ def run(args) -> int:
         if args.launcher == "slurm":
             values["slurm_site"] = args.slurm_site
     try:
-        config = wf.load_experiment(args.configs, **values)
+        config = load_experiment(args.configs, **values)
         plans = preflight(config)
     except (OSError, KeyError, ValueError, PreflightError) as err:
         print(f"neuclip plan: {err}", file=sys.stderr)
