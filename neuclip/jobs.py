@@ -33,7 +33,7 @@ class Kind:
 
 
 KINDS = {
-    "train": Kind("neuclip train", "neuclip.train.trainer:train", True),
+    "train": Kind("neuclip train", "neuclip.error_study.tracking:train", True),  # the trainer with its tracker
     "eval": Kind("neuclip eval", "neuclip.stages:run_eval", False),
     # on the training cell's allocation; see stages.run_error for which ranks work
     "error-run": Kind("neuclip error run", "neuclip.stages:run_error", True),

@@ -247,7 +247,7 @@ def _finish_here(cfg: dict) -> int | None:
     )
     import torch
 
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     local = copy.deepcopy(cfg)
     if local["train"]["device"] == "cuda" and not torch.cuda.is_available():

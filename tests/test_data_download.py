@@ -187,8 +187,8 @@ def test_check_passes_and_loader_reads_the_shards(tsv_download):
 
 def test_train_and_error_run_on_img2dataset_shards(tsv_download, tmp_path):
     """fastclip keeps per-sample state indexed by id: the sparse img2dataset ids must fit data_size."""
+    from neuclip.error_study.tracking import train
     from neuclip.train.testing import tiny_config
-    from neuclip.train.trainer import train
 
     info = yaml.safe_load((tsv_download["out"] / "dataset.yaml").read_text())
     run = tmp_path / "run"

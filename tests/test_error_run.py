@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 @pytest.mark.parametrize("method", ["fastclip", "openclip"])
 def test_error_run_scores_the_runs_own_estimate(method, synth_data, tmp_path):
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     pattern = str(synth_data / "train" / "{00000..00002}.tar")
     cfg = tiny_config(tmp_path / "run", pattern, **{"method.name": method, "train.max_steps": 6})

@@ -28,7 +28,7 @@ def _final_state(run) -> dict:
 
 @pytest.mark.parametrize("method", ["fastclip", "openclip"])
 def test_tracking_matches_error_run_and_leaves_the_run_unchanged(method, synth_data, tmp_path):
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     pattern = str(synth_data / "train" / "{00000..00002}.tar")
     common = {"method.name": method, "train.max_steps": 10, "error.anchors": 20}
@@ -48,7 +48,7 @@ def test_tracking_matches_error_run_and_leaves_the_run_unchanged(method, synth_d
 
 
 def test_resume_keeps_one_point_per_step(synth_data, tmp_path):
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     pattern = str(synth_data / "train" / "{00000..00002}.tar")
     cfg = tiny_config(tmp_path / "run", pattern, **{"method.name": "neuclip", "error.every": 3, "error.anchors": 16})
@@ -68,7 +68,7 @@ def test_resume_keeps_one_point_per_step(synth_data, tmp_path):
 
 
 def test_method_without_estimate_writes_no_curve(synth_data, tmp_path, capsys):
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     pattern = str(synth_data / "train" / "{00000..00002}.tar")
     train(tiny_config(tmp_path / "run", pattern, **{"method.name": "siglip", "train.max_steps": 4, "error.every": 2}))
@@ -83,3 +83,16 @@ def test_bad_error_settings_are_named(key, value, synth_data, tmp_path):
 
 
 # Uneven ranks and a rank without data: tests/test_error_streaming.py (1, 2 and 3 processes against one).
+
+
+def test_the_trainer_takes_tracking_as_a_hook_and_never_drops_it(synth_data, tmp_path):
+    """The trainer does not import the error study: tracking reaches it as a hook (error_study.tracking.train,
+    what a train job runs). Called bare with error.every set, it refuses instead of training unmeasured."""
+    from neuclip.train.config import ConfigError
+    from neuclip.train.testing import tiny_config
+    from neuclip.train.trainer import train as bare_train
+
+    cfg = tiny_config(tmp_path / "run", str(synth_data / "train" / "{00000..00002}.tar"), **{"error.every": 4})
+    with pytest.raises(ConfigError, match="error.every is set but no error tracker was given"):
+        bare_train(cfg)
+    assert not (tmp_path / "run").exists()

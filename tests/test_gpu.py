@@ -37,7 +37,7 @@ def _gpu_config(run_dir, synth_data, method, **extra):
 def test_bf16_single_gpu_run_without_a_process_group(method, synth_data, tmp_path):
     import torch.distributed as dist
 
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     run = tmp_path / "run"
     done = train(_gpu_config(run, synth_data, method, **{"error.every": 6}))
@@ -56,7 +56,7 @@ def test_bf16_single_gpu_run_without_a_process_group(method, synth_data, tmp_pat
 
 
 def test_resume_on_gpu_continues_the_run(synth_data, tmp_path):
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     cfg = _gpu_config(tmp_path / "run", synth_data, "neuclip")
     train(cfg)
@@ -114,8 +114,8 @@ def test_exact_pass_on_gpu_matches_cpu():
 
 
 def test_tiny_suite_on_gpu_matches_cpu(synth_data, tmp_path):
+    from neuclip.error_study.tracking import train
     from neuclip.eval.runner import evaluate_suite
-    from neuclip.train.trainer import train
 
     train(_gpu_config(tmp_path / "run", synth_data, "openclip"))
     model = tmp_path / "run" / "model"

@@ -93,7 +93,7 @@ def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_da
 
 def test_a_finished_run_is_recognised_from_its_folder_and_exported_here(synth_data, tmp_path, monkeypatch, capsys):
     from neuclip import jobs, launch
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     extra = {"train.max_steps": 4, "train.checkpoint_every": 2, "launcher.executor": "local"}
     cfg = tiny_config(tmp_path / "run", _shards(synth_data), **extra)

@@ -108,8 +108,8 @@ def _train_cli(cfg_path: Path, err: Path) -> subprocess.Popen:
 
 def test_a_waiting_launcher_follows_both_requeues_to_success(slurm_env, synth_data, tmp_path):
     from neuclip import launch
+    from neuclip.error_study.tracking import train
     from neuclip.jobs import job_name
-    from neuclip.train.trainer import train
 
     steps = 120
     cfg = _cell(tmp_path, synth_data, "requeue", steps)
@@ -248,7 +248,7 @@ def test_two_nodes_equal_one_process_and_a_requeue_resumes_on_both_bit_identical
     2-node run preempted with `scontrol requeue` resumes on both nodes and ends bit-identical to an
     uninterrupted one."""
     from neuclip import launch
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
     from tests.test_train_distributed import _param_diff
 
     def two_node(name: str, steps: int) -> dict:

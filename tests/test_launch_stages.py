@@ -27,7 +27,7 @@ LOCAL = "{executor: local, timeout_min: 5}"
 @pytest.fixture(scope="module")
 def trained(synth_data, tmp_path_factory):
     """A finished 6-step fastclip run labelled as a grid cell."""
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     torch.set_num_threads(1)
     meta = {"experiment": f"st{os.getpid()}", "dataset": "synthetic", "method": "fastclip", "variant": "default",

@@ -80,7 +80,8 @@ def _state(run: Path) -> dict:
 
 @pytest.mark.parametrize("mode", ["measure", "write"])
 def test_a_signal_mid_operation_stops_quickly_and_loses_nothing(mode, synth_data, tmp_path):
-    from neuclip.train.trainer import EXIT_PREEMPTED, train
+    from neuclip.error_study.tracking import train
+    from neuclip.train.trainer import EXIT_PREEMPTED
 
     torch.set_num_threads(1)
     pattern = str(synth_data / "train" / "{00000..00002}.tar")

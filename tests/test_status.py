@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def finished_run(synth_data, tmp_path_factory):
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     run = tmp_path_factory.mktemp("finished") / "run"
     train(tiny_config(run, str(synth_data / "train" / "{00000..00002}.tar"), **{"train.max_steps": 6}))

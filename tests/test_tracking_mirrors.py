@@ -67,7 +67,7 @@ def _expected(run) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_and_wandb_equal_the_jsonl_files(synth_data, tmp_path, monkeypatch):
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the default must be offline
     pattern = str(synth_data / "train" / "{00000..00002}.tar")

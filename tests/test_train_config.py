@@ -189,8 +189,8 @@ def test_identity_keys_are_every_key_but_the_run_settings():
 
 
 def test_a_rerun_with_a_changed_config_is_refused(synth_data, tmp_path):
+    from neuclip.error_study.tracking import train
     from neuclip.train.testing import tiny_config
-    from neuclip.train.trainer import train
 
     shards = str(synth_data / "train" / "{00000..00002}.tar")
     cfg = tiny_config(tmp_path / "run", shards, **{"train.max_steps": 2})

@@ -29,7 +29,7 @@ def _param_diff(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(synth_data, tmp_path):
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     shards = str(synth_data / "train" / "{00000..00002}.tar")
     steps = 4

@@ -55,7 +55,7 @@ def _options(method: str) -> dict:
 def test_sigkill_then_rerun_is_bit_identical(method, synth_data, tmp_path):
     if importlib.util.find_spec(METHODS[method]) is None:
         pytest.skip(f"module {METHODS[method]} (method {method!r}) does not exist yet")
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     steps = 16
     extra = {
@@ -159,8 +159,8 @@ def _corrupt_image(path: Path, sample_index: int) -> str:
 
 
 def test_corrupt_shard_is_named_or_skipped_and_counted(synth_data, tmp_path):
+    from neuclip.error_study.tracking import train
     from neuclip.train.data import DataError
-    from neuclip.train.trainer import train
 
     def copy(name: str) -> Path:
         shutil.copytree(synth_data / "train", tmp_path / name / "train")
@@ -192,7 +192,8 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(synth_data, tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(synth_data, tmp_path):
     """Without submitit: SIGTERM -> checkpoint of the step just finished -> exit 75; a rerun finishes."""
-    from neuclip.train.trainer import EXIT_PREEMPTED, train
+    from neuclip.error_study.tracking import train
+    from neuclip.train.trainer import EXIT_PREEMPTED
 
     cfg = tiny_config(tmp_path / "run", shards(synth_data), **{"train.max_steps": 40, "train.checkpoint_every": 1000})
     run = Path(cfg["run_dir"])

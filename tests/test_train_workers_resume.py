@@ -15,7 +15,7 @@ from neuclip.train.testing import run_attempts, tensors_equal, tiny_config
 @pytest.mark.slow  # loader worker processes
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_resume_with_other_workers_is_bit_identical(synth_data, tmp_path):
-    from neuclip.train.trainer import train
+    from neuclip.error_study.tracking import train
 
     shards = str(synth_data / "train" / "{00000..00002}.tar")
     extra = {"train.max_steps": 8, "train.checkpoint_every": 5, "train.keep_last": 3}

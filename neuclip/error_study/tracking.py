@@ -31,8 +31,7 @@ import torch.distributed as dist
 from neuclip.error_study.estimates import SCORED_KINDS
 from neuclip.error_study.run_error import measure_streaming
 from neuclip.train import checkpoint as ckpt
-
-CURVE_FILE = "error_curve.jsonl"
+from neuclip.train.runfiles import CURVE_FILE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,3 +98,35 @@ class ErrorTracker:
         if c.world > 1:
             dist.barrier()
 
+
+def make_tracker(cfg: dict, parts, shards: list[str], proc, bf16: bool) -> ErrorTracker:
+    """The run's error tracker (error.every), from the trainer's parts (neuclip/train/setup.py Parts, Process)."""
+    e, run_dir = cfg["error"], cfg["run_dir"]
+    ctx = TrackingContext(
+        run_dir=run_dir,
+        method=cfg["method"]["name"],
+        every=e["every"],
+        anchors=e["anchors"],
+        embed_batch=e["batch_size"],
+        shards=shards[: e["shards"]] if e["shards"] else shards,
+        train_batch=cfg["train"]["global_batch_size"],
+        seed=cfg["seed"],
+        workers=cfg["data"]["workers"],
+        skip_bad=cfg["data"]["skip_bad"],
+        rank=proc.rank,
+        world=proc.world,
+        device=proc.device,
+        bf16=bf16,
+        embed_dim=parts.embed_dim,
+        transform=parts.eval_transform,
+        tokenizer=parts.tokenizer,
+    )
+    return ErrorTracker(ctx, parts.estimator)
+
+
+def train(cfg: dict) -> dict:
+    """The trainer with this run's error tracking (what a train job runs): the trainer takes the tracker as a
+    hook, so it never imports the error study; the error study imports the trainer."""
+    from neuclip.train.trainer import train as train_run
+
+    return train_run(cfg, tracker_factory=make_tracker)

@@ -29,6 +29,7 @@ from neuclip.atomic import write_atomic, write_json
 from neuclip.train.config import ConfigError, dump, identity_diff, yaml_load
 
 METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "error_curve.jsonl"  # the normaliser error measured during training (neuclip/error_study/tracking.py)
 
 
 def now() -> str:
@@ -234,8 +235,6 @@ class Mirrors:
     """TensorBoard and W&B copies of metrics.jsonl lines and of error_curve.jsonl as it grows (rank 0)."""
 
     def __init__(self, run_dir: Path, report_to: list[str], start: int, cfg: dict | None):
-        from neuclip.error_study.tracking import CURVE_FILE
-
         self.curve, self.curve_pos, self.tb, self.wandb = run_dir / CURVE_FILE, 0, None, None
         if self.curve.exists():  # lines up to the checkpoint were forwarded by the attempt that wrote them
             self.curve_pos = self.curve.stat().st_size

@@ -1,5 +1,5 @@
 """Building a run's parts from its resolved config: the step geometry, the open_clip model with its
-transforms, the estimator, the optimiser, the error tracker and the data.
+transforms, the estimator, the optimiser and the data.
 
 `make_data` (the shards' usable samples, from their cached index) and `make_loader` are the one place the
 trainer constructs its data pipeline; what the loop needs from the loader is `next_batch()`, `bad_counts()`,
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from neuclip.error_study.tracking import ErrorTracker, TrackingContext
 from neuclip.train.config import ConfigError
 from neuclip.train.data import DataError, TrainData, TrainLoader
 from neuclip.train.optim import build_optimizer
@@ -94,30 +93,6 @@ def build_parts(cfg: dict, geo: Geometry, device: torch.device) -> Parts:
     estimator = build_estimator(m["name"], m["options"], ctx, common=m.get("common_options")).to(device)
     optimizer = build_optimizer(model, estimator, cfg["train"])
     return Parts(model, estimator, optimizer, ctx.embed_dim, train_tf, eval_tf, tokenizer)
-
-
-def make_tracker(cfg: dict, parts: Parts, shards: list[str], proc: Process, bf16: bool) -> ErrorTracker:
-    e, run_dir = cfg["error"], cfg["run_dir"]
-    ctx = TrackingContext(
-        run_dir=run_dir,
-        method=cfg["method"]["name"],
-        every=e["every"],
-        anchors=e["anchors"],
-        embed_batch=e["batch_size"],
-        shards=shards[: e["shards"]] if e["shards"] else shards,
-        train_batch=cfg["train"]["global_batch_size"],
-        seed=cfg["seed"],
-        workers=cfg["data"]["workers"],
-        skip_bad=cfg["data"]["skip_bad"],
-        rank=proc.rank,
-        world=proc.world,
-        device=proc.device,
-        bf16=bf16,
-        embed_dim=parts.embed_dim,
-        transform=parts.eval_transform,
-        tokenizer=parts.tokenizer,
-    )
-    return ErrorTracker(ctx, parts.estimator)
 
 
 def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:

@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from neuclip.error_study.tracking import CURVE_FILE
 from neuclip.train import checkpoint as ckpt
 from neuclip.train import resume
+from neuclip.train.config import ConfigError
 from neuclip.train.data import expand_shards
 from neuclip.train.finish import DONE_FILE, export_model, write_done
 from neuclip.train.runfiles import (
+    CURVE_FILE,
     METRICS_FILE,
     MetricsLog,
     check_config,
@@ -55,7 +56,7 @@ from neuclip.train.runtime import (
     setup_distributed,
     wants_cuda,
 )
-from neuclip.train.setup import Geometry, buffer_sync, build_parts, make_data, make_loader, make_tracker, wrap_ddp
+from neuclip.train.setup import Geometry, buffer_sync, build_parts, make_data, make_loader, wrap_ddp
 from neuclip.train.step import Stepper, TrainingDiverged
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "TrainingDiverged", "train"]
@@ -82,8 +83,26 @@ def _curve_has(run_dir: Path, step: int) -> bool:
     return False
 
 
-def train(cfg: dict) -> dict:
-    """Start or resume the run described by the *resolved* config `cfg`; return done.json's content."""
+class NoTracking:
+    """The tracker hook when none is given: never due."""
+
+    def due(self, step: int, total: int) -> bool:
+        return False
+
+    def __call__(self, step: int, epoch: float, model) -> None:  # pragma: no cover - never due
+        raise AssertionError("NoTracking is never due")
+
+
+def train(cfg: dict, tracker_factory=None) -> dict:
+    """Start or resume the run described by the *resolved* config `cfg`; return done.json's content.
+
+    `tracker_factory(cfg, parts, shards, proc, bf16)` builds the error tracker hook (`due(step, total)`,
+    `tracker(step, epoch, model)`) that the loop calls; the error study passes it (neuclip/error_study/tracking.py
+    `train`, what a train job runs), so the trainer never imports the error study. Without one, a config asking
+    for error.every is refused rather than trained without its measurements."""
+    if tracker_factory is None and cfg["error"]["every"]:
+        raise ConfigError("error.every is set but no error tracker was given: start the run with `neuclip train` "
+                          "or neuclip.error_study.tracking.train")
     run_dir = Path(cfg["run_dir"])
     done_path = run_dir / DONE_FILE
     if done_path.exists():
@@ -99,7 +118,7 @@ def train(cfg: dict) -> dict:
             dist.barrier()
         lock = run_lock(run_dir) if rank == 0 else contextlib.nullcontext()
         with lock, Signals() as signals:
-            return _Trainer(cfg, rank, world, local_rank, signals).run()
+            return _Trainer(cfg, rank, world, local_rank, signals, tracker_factory).run()
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -108,8 +127,8 @@ def train(cfg: dict) -> dict:
 class _Trainer:
     """One attempt at a run: set up (restoring the newest checkpoint), loop, finish."""
 
-    def __init__(self, cfg: dict, rank: int, world: int, local_rank: int, signals: Signals):
-        self.cfg, self.signals = cfg, signals
+    def __init__(self, cfg: dict, rank: int, world: int, local_rank: int, signals: Signals, tracker_factory=None):
+        self.cfg, self.signals, self.tracker_factory = cfg, signals, tracker_factory
         self.run_dir = Path(cfg["run_dir"])
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.proc = Process(rank, world, pick_device(cfg, local_rank))
@@ -132,7 +151,8 @@ class _Trainer:
         self.geo = Geometry.of(cfg, proc.world, num_samples=data.num_samples)
         seed_everything(cfg["seed"])
         self.parts = build_parts(cfg, self.geo, proc.device)
-        self.tracker = make_tracker(cfg, self.parts, shards, proc, bf16=self.precision == "bf16")
+        factory, bf16 = self.tracker_factory, self.precision == "bf16"
+        self.tracker = factory(cfg, self.parts, shards, proc, bf16=bf16) if factory else NoTracking()
         if proc.rank == 0:  # the start-up checks passed: now the folder holds this run
             write_config(self.run_dir, cfg)
         start, bad_decoded, self.train_wall_s = resume.load(self.ckpt_dir, cfg, self.geo, proc, self.parts, data)
