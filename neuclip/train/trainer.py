@@ -1,9 +1,10 @@
-"""The training loop: one function, `train(cfg)`, that starts or resumes the run in `cfg["run_dir"]`.
+"""The training loop: one function, `train(cfg, tracker_factory)`, that starts or resumes the run in `cfg["run_dir"]`
+(the error study's tracker arrives as a hook: neuclip/error_study/tracking.py `train` passes it).
 
 The trainer knows nothing method-specific: an *estimator* turns embeddings into a loss. Its parts:
 
     runtime.py    rank and device, the process group, the run-folder lock, preemption signals
-    setup.py      step geometry; model, estimator and optimiser; error tracker; the data and its loader
+    setup.py      step geometry; model, estimator and optimiser; the data and its loader
     step.py       one optimiser step and the divergence check
     resume.py     the trainer's state in a checkpoint and back (checkpoint.py: the files)
     runfiles.py   config.yaml, provenance.json, metrics.jsonl
