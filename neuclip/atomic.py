@@ -6,6 +6,7 @@ resumed run see either the old file or the whole new one. Every file the harness
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -50,11 +51,24 @@ def write_with(path: str | os.PathLike, write: Callable[[IO], None], *, binary: 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if disk_full(err):  # torch.save wraps it in "unexpected pos": name the cause and the file
+            raise OSError(errno.ENOSPC, f"No space left on device writing {path}", str(path)) from err
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether ENOSPC is anywhere in the exception's chain (its cause or the exception it was raised during)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:

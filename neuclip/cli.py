@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 def user_error_line(err: BaseException) -> str | None:
     """One line for a failure that is the input's or the machine's, not the code's (None: a bug, which keeps its
     traceback). Set NEUCLIP_DEBUG=1 for the traceback of any failure."""
-    import errno
+    from neuclip.atomic import disk_full
 
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        where = err.filename or "the output folder"
+    if disk_full(err):
+        where = getattr(err, "filename", None) or "the output folder"
         return f"no space left on device writing {where}; free space there and rerun (finished work is kept)"
     for module, name in USER_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)  # only modules that ran can have raised

@@ -135,3 +135,27 @@ def test_a_1_mb_one_word_caption_is_cut_and_counted(synth_data, tmp_path, capsys
     assert done["captions_cut"] == 1 and done["bad_samples"] == 0
     assert done["train_wall_s"] < 60  # seconds for 3 steps; the uncut word alone would take hours
     assert "1 caption(s) longer than 1024 bytes are cut" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: room for a run folder's small files, not for a checkpoint (needs root, as CI has)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_file(small_disk, synth_data, capsys):
+    run = small_disk / "run"
+    capsys.readouterr()
+    assert main(["train", *tiny_overrides(run, shards(synth_data))]) == 1
+    err = capsys.readouterr().err
+    assert "no space left on device writing" in err and "step_000000004.pt" in err, err
+    assert "Traceback" not in err
+    assert (run / "config.yaml").exists() and not list((run / "checkpoints").glob(".step_*"))  # no temp left
