@@ -59,3 +59,14 @@ def load_file(path: str | Path):
         return yaml_load(path.read_text())
     except DuplicateKeyError as err:
         raise DuplicateKeyError(f"{path}: {err}") from None
+
+
+def load_block(path: str | Path, key: str) -> tuple[dict, str]:
+    """A study's config: the file itself, or an experiment config's `key:` block. Returns (block, where), where
+    naming the file (and block) for messages."""
+    cfg = load_file(path) or {}
+    if "experiment" not in cfg:
+        return cfg, str(path)
+    if not cfg.get(key):
+        raise KeyError(f"{path}: an experiment config without a {key} block; nothing to run")
+    return cfg[key], f"{path}: {key}"

@@ -35,7 +35,7 @@ import pandas as pd
 
 from neuclip.atomic import write_atomic, write_json
 from neuclip.error_study.shadow import ShadowRun, run
-from neuclip.yamlio import yaml_load
+from neuclip.yamlio import load_block
 
 SWEEP_KEYS = {"grid", "seeds", "steps", "measure_at", "epochs", "markers", "jobs", "run"}
 DEFAULT_STEPS = 1000
@@ -46,12 +46,7 @@ ORDER = ["budget", "method", "batch_size", "n", "seed", "step"]
 
 def load_config(path: str | os.PathLike) -> dict:
     """A sweep config, or an experiment config (workflows/configs/error_study*.yaml): its `error_study` block."""
-    cfg = yaml_load(Path(path).read_text()) or {}
-    where = str(path)
-    if "experiment" in cfg:
-        if not cfg.get("error_study"):
-            raise KeyError(f"{path}: an experiment config without an error_study block; nothing to sweep")
-        cfg, where = cfg["error_study"], f"{path}: error_study"
+    cfg, where = load_block(path, "error_study")
     check_config(cfg, where)
     return cfg
 

@@ -43,18 +43,13 @@ from neuclip.atomic import write_atomic
 from neuclip.estimators.registry import estimator_class, method_names
 from neuclip.estimators.rho import rho_for
 from neuclip.study.driver_run import DriverRun
-from neuclip.yamlio import load_file
+from neuclip.yamlio import load_block
 
 KEYS = {"methods", "seeds", "batch_size", "ratio", "epochs", "steps", "fixed_tau", "options", "run", "jobs"}
 
 
 def load_config(path: str | os.PathLike) -> dict:
-    cfg = load_file(path) or {}
-    where = str(path)
-    if "experiment" in cfg:
-        if not cfg.get("drivers"):
-            raise KeyError(f"{path}: an experiment config without a drivers block; nothing to run")
-        cfg, where = cfg["drivers"], f"{path}: drivers"
+    cfg, where = load_block(path, "drivers")
     check_config(cfg, where)
     return cfg
 
