@@ -213,7 +213,7 @@ def test_a_failed_job_exits_non_zero_with_the_remote_traceback(synth_data, tmp_p
     )
     assert launch.launch(cfg) == 1
     err = capsys.readouterr().err
-    assert "Traceback" in err and "DataError" in err and "set data.data_size to max id + 1" in err, err
+    assert "Traceback" in err and "DataError" in err and "raise data_size to max id + 1" in err, err
 
 
 def _slurm_cfg(tmp_path: Path, synth_data: Path, **launcher) -> dict:
