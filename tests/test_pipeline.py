@@ -159,11 +159,12 @@ def test_slurm_profile_runs_every_stage_as_a_job_with_the_local_tables(local_run
         job = json.loads(record.read_text())
         state = lambda: (scontrol_job(job["job_id"]) or {}).get("JobState")  # noqa: E731
         _until(f"eval job {job['job_id']} to run", lambda: state() == "RUNNING", every=0.1)
-        # Suspend only once srun has launched the step's task (submitit's first log line comes from it): a job
-        # suspended before that launch fails on resume with "Job credential expired" (cred_expire is 10 s here)
-        task_log = JobPaths(job["folder"], job["job_id"]).stderr
+        # Suspend only once srun has launched the step's task (submitit's first log line, on the task's stdout,
+        # comes from it): a job suspended before that launch fails on resume with "Job credential expired"
+        # (cred_expire is 10 s here)
+        task_log = JobPaths(job["folder"], job["job_id"]).stdout
         _until(f"eval job {job['job_id']}'s task to start",
-               lambda: task_log.exists() and "Starting with" in task_log.read_text(errors="replace"), every=0.1)
+               lambda: task_log.exists() and "Starting with" in task_log.read_text(errors="replace"), every=0.05)
         subprocess.run(["scontrol", "suspend", job["job_id"]], check=True, timeout=30, env=env)
         drivers[0].kill()
         drivers[0].wait()

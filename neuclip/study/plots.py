@@ -24,7 +24,7 @@ def plot_accuracy(table: pd.DataFrame, out: Path, metric: str = "i2t_top1") -> N
         budgets = sorted(learned["budget"].unique())
         panels = sorted(learned[panel].unique())
         fig, axes = plt.subplots(len(budgets), len(panels), figsize=(3.2 * len(panels), 2.8 * len(budgets)),
-                                 squeeze=False, sharey=True)
+                                 squeeze=False, sharey=True, layout="constrained")
         for i, budget in enumerate(budgets):
             for j, p in enumerate(panels):
                 ax = axes[i][j]
