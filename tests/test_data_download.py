@@ -393,3 +393,20 @@ def test_an_interrupted_download_stops_img2datasets_whole_process_group(tmp_path
     while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
         assert time.time() < deadline, f"img2dataset's worker {pid} outlived the interrupted download"
         time.sleep(0.1)
+
+
+def test_non_ascii_urls_are_percent_encoded_as_a_browser_sends_them(tmp_path):
+    """img2dataset was handed 'http://h/café.jpg' as it stood and lost the image; the copy it now reads has the
+    URL as a browser sends it, in the same rows (so the same keys), and ASCII lists are left alone."""
+    urls = tmp_path / "u.tsv"
+    urls.write_text("caption\turl\na cat\thttp://127.0.0.1:9/café.jpg\na dog\thttp://127.0.0.1:9/dog.jpg?x=1&y=2\n",
+                    encoding="utf-8")
+    opts = dl.options("cc3m", urls, tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    copy = dl.ascii_urls(urls, opts, tmp_path / "out")
+    assert copy.read_text().splitlines() == ["caption\turl", "a cat\thttp://127.0.0.1:9/caf%C3%A9.jpg",
+                                             "a dog\thttp://127.0.0.1:9/dog.jpg?x=1&y=2"]
+    plain = tmp_path / "plain.tsv"
+    plain.write_text("caption\turl\na dog\thttp://127.0.0.1:9/dog.jpg\n")
+    assert dl.ascii_urls(plain, opts, tmp_path / "out") is None
+    assert dl.browser_url("http://h/a b/é?q=ü#frag") == "http://h/a%20b/%C3%A9?q=%C3%BC#frag"

@@ -280,6 +280,48 @@ def _same_list(out: Path, url_list: Path, opts: dict, other_list: bool) -> None:
     record.write_text(f"{digest}  {url_list}\n")
 
 
+URL_SAFE = ":/?#[]@!$&'()*+,;=%~-._"  # what a browser leaves as it is: only the rest (non-ASCII, spaces) is encoded
+
+
+def browser_url(url: str) -> str:
+    """A URL as a browser sends it: non-ASCII characters (and spaces) percent-encoded as UTF-8, the rest kept."""
+    from urllib.parse import quote
+
+    return url if url.isascii() and " " not in url else quote(url, safe=URL_SAFE)
+
+
+def ascii_urls(url_list: Path, opts: dict, out: Path) -> Path | None:
+    """When some URL of a TSV/CSV list is not ASCII, a copy of the list with those URLs percent-encoded, in
+    OUT/url_list.encoded/ (img2dataset reads it; the rows and their order are the same, so are the keys); None
+    when every URL is already ASCII. Valid images behind non-ASCII URLs were lost otherwise."""
+    kind = opts["input_format"].split(".")[0]
+    if kind not in ("tsv", "csv") or not opts.get("url_col"):
+        return None
+    files = sorted(url_list.glob(f"*.{opts['input_format']}")) if url_list.is_dir() else [url_list]
+    sep = "\t" if kind == "tsv" else ","
+    copies, changed = [], False
+    for f in files:
+        lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
+        col = lines[0].rstrip("\r\n").split(sep).index(opts["url_col"]) if lines else 0
+        fixed = lines[:1]
+        for line in lines[1:]:
+            end = line[len(line.rstrip("\r\n")):]
+            cells = line.rstrip("\r\n").split(sep)
+            if col < len(cells):
+                new = browser_url(cells[col])
+                changed |= new != cells[col]
+                cells[col] = new
+            fixed.append(sep.join(cells) + end)
+        copies.append((f.name, "".join(fixed)))
+    if not changed:
+        return None
+    folder = out / "url_list.encoded"
+    folder.mkdir(exist_ok=True)
+    for name, text in copies:
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder if url_list.is_dir() else folder / copies[0][0]
+
+
 def check_header(url_list: Path, opts: dict) -> None:
     """The columns img2dataset will look for must be in the list's header (it fails after minutes otherwise)."""
     kind = opts["input_format"].split(".")[0]
@@ -337,6 +379,11 @@ def download(dataset: str, url_list, out, site: dict | None = None, echo=print, 
     _prepare(out, opts)
     _same_list(out, url_list, opts, other_list)
     rows = input_rows(url_list, opts["input_format"])
+    encoded = ascii_urls(url_list, opts, out)
+    if encoded is not None:
+        echo(f"neuclip data download: URLs with non-ASCII characters percent-encoded (as browsers send them) in "
+             f"{encoded}; img2dataset reads that copy")
+        opts = {**opts, "url_list": str(encoded)}
     python = img2dataset_python()
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
     log = out / "img2dataset.log"
