@@ -100,6 +100,7 @@ class Survey:
     counts: np.ndarray  # usable samples per shard
     problems: list[Problem] = field(default_factory=list)
     max_id: int = -1
+    captions_over: int = 0  # usable samples whose caption is longer than survey's caption_limit (bytes)
 
 
 def _expected_counts(path: Path, sizes_cache: dict) -> list[tuple[str, int | None]]:
@@ -167,13 +168,14 @@ class _Seen:
 
 
 def survey(paths: Iterable[str | Path], need_ids: bool = True, on_index=None, data_size: int | None = None,
-           data_size_from: str = "data_size") -> Survey:
+           data_size_from: str = "data_size", caption_limit: int | None = None) -> Survey:
     """Index every shard (cached), apply the bad-sample definition and the duplicate-id and count checks.
 
     `on_index(shard_number, ShardIndex)` sees each readable shard's index (the checker decodes from it). With
     `data_size` (the id space: max id + 1, from `data_size_from`), a sample whose id is at or above it is a bad
     sample, named (`data_size_from` says where the value came from, e.g. "data_size 216 (from dataset.yaml)"):
-    `neuclip data check` and `neuclip train` give it the same verdict.
+    `neuclip data check` and `neuclip train` give it the same verdict. With `caption_limit`, the usable samples
+    whose caption (the .txt size in the index) is longer than that many bytes are counted (`captions_over`).
     """
     shards = [str(p) for p in paths]
     sv = Survey(shards, [], [], np.zeros(len(shards), dtype=np.int64))
@@ -211,6 +213,8 @@ def survey(paths: Iterable[str | Path], need_ids: bool = True, on_index=None, da
                 sv.max_id = max(sv.max_id, int(index.ids[valid].max()))
         sv.usable.append(np.flatnonzero(~bad) if bad.any() else None)
         sv.counts[s] = len(index) - int(bad.sum())
+        if caption_limit:
+            sv.captions_over += int((index.text[~bad, 1] > caption_limit).sum())
         if on_index is not None:
             on_index(s, index)
     if duplicates:

@@ -132,7 +132,7 @@ class TrainData:
         self.shards, self.seed, self.B, self.skip_bad = list(shards), seed, global_batch, skip_bad
         # an id at or above data_size is a bad sample, as `neuclip data check` says (skipped under skip_bad)
         source = data_size_source(self.shards, data_size) if data_size is not None else ""
-        sv = survey(self.shards, data_size=data_size, data_size_from=source)
+        sv = survey(self.shards, data_size=data_size, data_size_from=source, caption_limit=max_caption_bytes)
         fatal = [p for p in sv.problems if p.fatal]
         if fatal or (sv.problems and not skip_bad):
             raise DataError(_listing(fatal or sv.problems, skippable=not fatal))
@@ -154,21 +154,10 @@ class TrainData:
         self.max_id = sv.max_id
         self._indexes: OrderedDict = OrderedDict()
         self.max_caption_bytes = max_caption_bytes
-        self.captions_cut = self._captions_over(max_caption_bytes) if max_caption_bytes else 0
+        self.captions_cut = sv.captions_over  # counted from the index while surveying: no second pass
         if report and self.captions_cut:
             print(f"neuclip data: {self.captions_cut} caption(s) longer than {max_caption_bytes} bytes are cut to "
                   "that length before tokenising (data.max_caption_bytes)", file=sys.stderr)
-
-    def _captions_over(self, limit: int) -> int:
-        """Usable samples whose caption is longer than `limit` bytes (the .txt sizes in the shards' index)."""
-        total = 0
-        for s in range(len(self.shards)):
-            if self.survey.samples[s] is None:
-                continue
-            sizes = self.index(s).text[:, 1]
-            usable = self.survey.usable[s]
-            total += int((sizes[usable] > limit).sum() if usable is not None else (sizes > limit).sum())
-        return total
 
     def fingerprint(self) -> str:
         """Changes when the shard list or any shard's usable samples change (a resume must then stop)."""
