@@ -77,8 +77,8 @@ def test_dataset_yaml_gives_img2dataset_key_space(synth_data):
     """dataset.yaml holds what `neuclip data download` writes for the registry: data_size = max key + 1."""
     import yaml
 
+    from neuclip.data.index import shard_index
     from neuclip.data.keys import data_size_of
-    from neuclip.data.shards import shard_index
 
     info = yaml.safe_load((synth_data / "train" / "dataset.yaml").read_text())
     assert info["num_samples"] == 48 and info["data_size"] == 216  # last shard 2, rows 0..15: key 215

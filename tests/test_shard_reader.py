@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from neuclip.data.shards import iter_samples, shard_index, write_tar
+from neuclip.data.index import shard_index
+from neuclip.data.shards import iter_samples, write_tar
 from neuclip.error_study.run_error import ShardImages
 from neuclip.train.data import DataError, TrainData, TrainLoader
 

@@ -10,7 +10,8 @@ import tarfile
 import pytest
 
 from neuclip.data import tar_reference
-from neuclip.data.shards import ShardError, build_index, scan_members, write_tar
+from neuclip.data.index import build_index
+from neuclip.data.shards import ShardError, scan_members, write_tar
 
 
 def _outcome(scan, path):

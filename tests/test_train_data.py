@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from neuclip.data.shards import INDEX_DIR, shard_index, write_tar
+from neuclip.data.index import INDEX_DIR, shard_index
+from neuclip.data.shards import write_tar
 from neuclip.train.data import DataError, EpochOrder, FastTrainTransform, TrainData, TrainLoader, resume_point
 
 torch.set_num_threads(1)
@@ -175,7 +176,7 @@ def test_ids_are_the_json_keys_and_sidecars_are_ignored(tmp_path):
 
 
 def test_index_is_cached_beside_the_shards_or_in_the_cache_dir(tmp_path, monkeypatch):
-    from neuclip.data import shards as sh
+    from neuclip.data import index as sh
 
     shards = img2dataset_shards(tmp_path / "d", [4])
     beside = Path(shards[0]).parent / INDEX_DIR / "00000.tar.npz"

@@ -1,8 +1,10 @@
-"""`neuclip data`: generate the synthetic data set, check tar shards."""
+"""`neuclip data`: generate the synthetic data set, index and check tar shards."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from neuclip.commands import positive_int
 
@@ -61,6 +63,20 @@ def register(sub) -> None:
     )
     check.set_defaults(func=run_check)
 
+    index = data_sub.add_parser(
+        "index",
+        help="build the shards' indexes (what a trainer's start reads) for shards made elsewhere",
+        description="Build the per-shard index of every shard matching PATTERN that lacks a fresh one, over "
+        "--jobs processes. Resumable: indexes already built are kept. `neuclip data synth` and `neuclip data "
+        "download` write them themselves; run this for shards that came from elsewhere, before training on them "
+        "(a trainer builds missing ones itself, or refuses with data.missing_index: refuse). Processes that index "
+        "the same shards at once share the work: each index is built once.",
+    )
+    index.add_argument("pattern", metavar="PATTERN", help="brace pattern, glob or folder of .tar shards")
+    index.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                       help="processes (default: this machine's cores)")
+    index.set_defaults(func=run_index)
+
     from neuclip.commands import data_fetch  # download (img2dataset), fetch-eval (clip_benchmark sets)
 
     data_fetch.register(data_sub)
@@ -94,3 +110,18 @@ def run_check(args) -> int:
     report = check_shards(args.pattern, skip_bad=args.skip_bad, need_ids=not args.no_ids, data_size=args.data_size)
     print(format_report(report))
     return 0 if report.ok else 1
+
+
+def run_index(args) -> int:
+    from neuclip.data.index import ensure_indexes, report_progress
+    from neuclip.data.shards import expand_pattern
+
+    shards = [str(p) for p in expand_pattern(args.pattern)]
+    if not shards:
+        print(f"neuclip data index: {args.pattern} matches no shards: check the path or pattern", file=sys.stderr)
+        return 1
+    done = ensure_indexes(shards, jobs=args.jobs, progress=report_progress("neuclip data index"))
+    fresh = len(shards) - done.built - done.waited - done.bad
+    print(f"{len(shards)} shards: {done.built} indexed, {fresh} already indexed, {done.waited} indexed by another "
+          f"process meanwhile, {done.bad} unreadable (`neuclip data check` names them), in {done.seconds:.1f} s")
+    return 0

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from neuclip.data.index import ShardIndex, shard_index
 from neuclip.data.samples import IMAGE_EXTS, image_ext, parse_id, record_problems  # noqa: F401 - re-exported
-from neuclip.data.shards import ShardError, ShardIndex, expand_pattern, shard_index
+from neuclip.data.shards import ShardError, expand_pattern
 
 SAMPLE_FIX = "re-download or drop those samples, or set skip_bad (--skip-bad, data.skip_bad=true) to skip them"
 ID_FIX = "correct its key (.json / __key__), or raise data_size to max id + 1 (the size of per-sample state)"

@@ -11,7 +11,9 @@ registry need:
   (neuclip/data/keys.py, shared with `neuclip data synth`: a row's key is shard * 10^ceil(log10(samples per
   shard)) + its row in the shard, so failed rows leave holes and data_size > num_samples); plus the options
   used, so a resume with different layout options is refused instead of mixing two key schemes in one folder;
-- `download_report.md`: per shard, rows, successes and the failures by reason (img2dataset's status_dict).
+- `download_report.md`: per shard, rows, successes and the failures by reason (img2dataset's status_dict);
+- each shard's index (neuclip/data/index.py), built over img2dataset's `processes_count` processes, so the
+  trainer's start reads indexes and scans no tar.
 
 Resuming is img2dataset's own incremental mode: a shard with a `_stats.json` is done, others are redone. Its
 check globs `OUT/*.json` and parses every name as a shard number, so our own `sizes.json` is removed before
@@ -36,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from neuclip.data import keys
+from neuclip.data.index import ensure_indexes
 from neuclip.data.keys import INFO
 from neuclip.yamlio import yaml_load
 
@@ -425,6 +428,10 @@ def download(dataset: str, url_list, out, site: dict | None = None, echo=print, 
         "key_scheme": keys.key_scheme(per_shard, oom),
         "img2dataset": {"version": version, "python": python, "options": opts},
     }
+    # the index is made where the data is made: a trainer's start then reads it and scans no tar
+    ensured = ensure_indexes([str(out / name) for name in sorted(sizes)], jobs=int(opts.get("processes_count") or 1))
+    echo(f"shard indexes: {ensured.built} built, {len(sizes) - ensured.built - ensured.bad} already there, "
+         f"{ensured.bad} unreadable, in {ensured.seconds:.1f} s")
     write_atomic(out / INFO, "# written by `neuclip data download`; registry fields: shards, num_samples, data_size\n"
                + yaml.safe_dump(info, sort_keys=False))  # fmt: skip
     write_atomic(out / REPORT, f"# {dataset}: img2dataset per-shard stats\n\n{report_table(stats)}\n")

@@ -8,7 +8,7 @@ Per-sample estimator state is indexed by id, so its size, data_size, is max id +
 
 `neuclip data download` and `neuclip data synth` both write `dataset.yaml` beside the shards (INFO), holding
 num_samples and data_size; the trainer's default data_size is read from it (`data_size_of`), else from the
-shards' index (the ids of every sample, neuclip/data/shards.py).
+shards' index (the ids of every sample, neuclip/data/index.py).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def declared_data_size(shards: Iterable[str | Path]) -> tuple[int, list[Path]] |
 def indexed_data_size(shards: Iterable[str | Path]) -> int:
     """Max sample id + 1 over the shards' index (built and cached if need be; unreadable shards are left to
     the trainer's bad-data rules). 0 when no sample has an id."""
-    from neuclip.data.shards import ShardError, shard_index
+    from neuclip.data.index import shard_index
+    from neuclip.data.shards import ShardError
 
     top, count, where = -1, 0, None
     for shard in shards:
@@ -128,7 +129,8 @@ def data_size_of(shards: list[str]) -> tuple[int, str]:
 def id_beyond(shards: list[str], data_size: int) -> str | None:
     """The error for the first sample (shard order, then tar order) whose id is >= data_size, naming its shard,
     key and id, and the file data_size came from when it is a dataset.yaml; None when every id fits."""
-    from neuclip.data.shards import ShardError, shard_index
+    from neuclip.data.index import shard_index
+    from neuclip.data.shards import ShardError
 
     for shard in shards:
         try:

@@ -1,6 +1,6 @@
 """What makes one sample of a shard usable: its members, caption and sample id (the one definition that
 `neuclip data check`, the trainer's loader, the eval sets and the error pass share). The lowest room of the data
-package: shards.py builds its index with it and check.py reports from it."""
+package: index.py builds each shard's index with it and check.py reports from it."""
 
 from __future__ import annotations
 

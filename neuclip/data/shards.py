@@ -1,36 +1,27 @@
-"""The one tar-shard reader: header scan, raw samples, and the cached per-shard index.
+"""The one tar-shard reader: the header scan, raw samples, and member reads by offset.
 
 Shards follow webdataset's convention: a sample is a run of consecutive members sharing a key (the member
 name up to its first dot), e.g. `000000123.jpg`, `000000123.txt`, `000000123.json`; a member without an
-extension is ignored, as webdataset ignores it. Everything that reads shards goes through here: the training
-loader and the checker (via `shard_index`), the error pass (`iter_samples`), the generator (`write_tar`), and
-the eval code (`IMAGE_EXTS`). What makes a sample *bad* is decided in neuclip/data/check.py, from the facts
-the index records here.
-
-The index of a shard holds, per sample, its key, id (the .json "key"), the offsets of its image and caption
-members and the problems found without decoding the image. Building it reads the tar headers and the small
-.txt/.json members once; it is cached as `.neuclip-index/<shard>.npz` beside the shards or, where that folder
-is read-only, under $NEUCLIP_INDEX_CACHE (default ~/.cache/neuclip/index), and rebuilt when the shard's size
-or mtime changes. img2dataset's sidecars (`NNNNN_stats.json`, `NNNNN.parquet`) are not shards and not read.
+extension is ignored, as webdataset ignores it. Everything that reads shards goes through here: the per-shard
+index (neuclip/data/index.py, which the training loader and the checker read), the error pass
+(`iter_samples`), the generator (`write_tar`), and the eval code (`IMAGE_EXTS`). What makes a sample *bad* is
+decided in neuclip/data/check.py. img2dataset's sidecars (`NNNNN_stats.json`, `NNNNN.parquet`) are not shards
+and not read.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
-import json
 import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
-import numpy as np
 
-from neuclip.data.samples import IMAGE_EXTS, image_ext, record_problems  # noqa: F401 - IMAGE_EXTS: re-exported
+from neuclip.data.samples import IMAGE_EXTS  # noqa: F401 - re-exported: the eval code reads it here
 
 BLOCK = 512
 INDEX_VERSION = 1
@@ -278,124 +269,6 @@ def iter_samples(path: Path) -> Iterator[dict]:
             for ext, (offset, size) in members.items():
                 sample[ext] = scan.read(offset, size)
             yield sample
-
-
-# -- the per-shard index --------------------------------------------------------------------------------
-
-
-@dataclass
-class ShardIndex:
-    """Per sample of one shard (tar order): key, id (-1: none), image/caption member offsets, problems.
-
-    `problems` maps a sample's position to [(kind, reason)], kind "id" for problems with the sample id
-    (missing/unparsable .json, missing or non-integer "key"), "sample" for the rest (see check.py).
-    """
-
-    path: str
-    keys: np.ndarray  # bytes (S)
-    ids: np.ndarray  # int64
-    image: np.ndarray  # int64 (n, 2): offset, size; -1 when no image member
-    image_ext: np.ndarray  # int8: position in IMAGE_EXTS, -1 when none
-    text: np.ndarray  # int64 (n, 2): offset, size of .txt; -1 when none
-    problems: dict[int, list[tuple[str, str]]]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def key(self, i: int) -> str:
-        return self.keys[i].decode()
-
-
-def _stamp(path: Path) -> dict:
-    st = path.stat()
-    return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def build_index(path: str | os.PathLike) -> ShardIndex:
-    """Scan one shard (headers plus its .txt/.json members) into a ShardIndex; raises ShardError."""
-
-    path = Path(path)
-    keys, ids, image, image_ext_i, text, problems = [], [], [], [], [], {}
-    with TarScan(path) as scan:
-
-        def read(member):
-            return None if member is None else scan.read(*member)
-
-        for i, (key, members, repeated) in enumerate(_grouped(scan)):
-            sample_id, found = record_problems(
-                key, members.keys(), read(members.get("txt")), read(members.get("json")), repeated
-            )
-            ext = image_ext(members)
-            keys.append(key.encode())
-            ids.append(-1 if sample_id is None else sample_id)
-            image.append(members[ext] if ext else (-1, -1))
-            image_ext_i.append(IMAGE_EXTS.index(ext) if ext else -1)
-            text.append(members.get("txt", (-1, -1)))
-            if found:
-                problems[i] = found
-    return ShardIndex(
-        str(path),
-        np.array(keys, dtype=bytes) if keys else np.zeros(0, dtype="S1"),
-        np.array(ids, dtype=np.int64),
-        np.array(image, dtype=np.int64).reshape(-1, 2),
-        np.array(image_ext_i, dtype=np.int8),
-        np.array(text, dtype=np.int64).reshape(-1, 2),
-        problems,
-    )
-
-
-def index_paths(path: Path) -> list[Path]:
-    """Where the index of `path` may live: beside the shards, then in the user cache."""
-    path = Path(path).absolute()
-    cache = Path(os.environ.get("NEUCLIP_INDEX_CACHE") or Path.home() / ".cache" / "neuclip" / "index")
-    folder_tag = hashlib.blake2b(str(path.parent).encode(), digest_size=8).hexdigest()
-    return [path.parent / INDEX_DIR / f"{path.name}.npz", cache / folder_tag / f"{path.name}.npz"]
-
-
-def _load(file: Path, path: Path, stamp: dict) -> ShardIndex | None:
-    try:
-        with np.load(file, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            if meta["stamp"] != stamp:
-                return None
-            arrays = {k: z[k] for k in ("keys", "ids", "image", "image_ext", "text")}
-    except (OSError, ValueError, KeyError):
-        return None  # missing, partial or foreign: rebuild
-    problems = {int(i): [tuple(p) for p in found] for i, found in meta["problems"].items()}
-    return ShardIndex(str(path), problems=problems, **arrays)
-
-
-def _save(index: ShardIndex, stamp: dict, targets: list[Path]) -> None:
-    from neuclip.atomic import write_with
-
-    meta = {"stamp": stamp, "problems": {str(i): p for i, p in index.problems.items()}}
-    arrays = {k: getattr(index, k) for k in ("keys", "ids", "image", "image_ext", "text")}
-    for target in targets:  # the first folder we may write to
-        try:
-            write_with(target, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays), binary=True)
-            return
-        except OSError:
-            continue
-
-
-def shard_index(path: str | os.PathLike, cache: bool = True) -> ShardIndex:
-    """The index of one shard: loaded from the cache when it matches the shard's size and mtime, else built
-    (and cached). Raises ShardError for a shard that cannot be read to the end (never cached)."""
-    path = Path(path)
-    try:
-        stamp = _stamp(path)
-    except FileNotFoundError:
-        raise ShardError("file not found") from None
-    targets = index_paths(path)
-    if cache:
-        for file in targets:
-            found = _load(file, path, stamp)
-            if found is not None:
-                return found
-    index = build_index(path)
-    if cache:
-        _save(index, stamp, targets)
-    return index
 
 
 class MemberReader:

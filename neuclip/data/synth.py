@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from neuclip.data.index import shard_index
 from neuclip.data.keys import INFO, contiguous_rows, img2dataset_key, key_scheme, key_space
 from neuclip.data.shards import key_width, write_tar
 
@@ -285,6 +286,7 @@ def _write_train(out: Path, num: int, seed: int, shard_size: int, image_size: in
         made = [_train_sample(start + row, seed, image_size, img2dataset_key(shard, row, shard_size))
                 for row in range(rows)]  # fmt: skip
         count = write_tar(out / name, ((key, fields) for key, fields, _ in made))
+        shard_index(out / name)  # the index is made where the data is made (it moves with the folder)
         _write_parquet(out / f"{shard:05d}.parquet", [meta for _, _, meta in made])
         # img2dataset's stats fields; the times are fixed so that the same seed gives the same bytes
         stats = {"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0}

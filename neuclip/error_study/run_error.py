@@ -51,7 +51,8 @@ class ShardImages(IterableDataset):
     def __iter__(self):
         # The shared reader and bad-sample rule (neuclip/data/check.py): the samples training used, by offset.
         from neuclip.data.check import BadImage, open_image
-        from neuclip.data.shards import IMAGE_EXTS, MemberReader, ShardError, shard_index
+        from neuclip.data.index import shard_index
+        from neuclip.data.shards import IMAGE_EXTS, MemberReader, ShardError
 
         info = get_worker_info()
         mine = self.shards[info.id :: info.num_workers] if info else self.shards
@@ -165,7 +166,8 @@ def _usable(shards: list[str], skip_bad: bool):
     index: no decoding; images that turn out not to decode are found while embedding)."""
     import numpy as np
 
-    from neuclip.data.shards import ShardError, shard_index
+    from neuclip.data.index import shard_index
+    from neuclip.data.shards import ShardError
 
     ids, where, entries = [], [], []
     for k, shard in enumerate(shards):

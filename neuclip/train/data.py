@@ -17,7 +17,8 @@ The order (MosaicML Streaming's "elastic determinism", without its downloader):
   DataLoader hands them back in step order, so `data.workers` changes nothing but speed, and a different
   world size on resume still sees the same global batches.
 - A sample's augmentation is seeded by (seed, epoch, position), not by who decodes it.
-- The data position is the next step: a resume seeks in O(1), reading no tar headers (the index is cached).
+- The data position is the next step: a resume seeks in O(1), reading no tar headers (the index is cached)
+  and no index either: the shards' survey is stored once per data-set version (neuclip/data/survey_cache.py).
 
 Bad data: a bad shard or sample found by the survey stops the start with an error naming shard and key, or
 with skip_bad is left out of the epoch and counted. An image that does not decode is only found when it is
@@ -39,9 +40,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from neuclip.data.check import BadImage, DataError, Problem, open_image, survey
+from neuclip.data.check import BadImage, DataError, Problem, open_image
+from neuclip.data.index import shard_index
 from neuclip.data.keys import data_size_source
-from neuclip.data.shards import IMAGE_EXTS, MemberReader, ShardError, expand_pattern, shard_index
+from neuclip.data.shards import IMAGE_EXTS, MemberReader, ShardError, expand_pattern
+from neuclip.data.survey_cache import cached_survey
 
 ORDER = "epoch-blocks-v1"  # the checkpoint's name for this order; a different one cannot be resumed
 __all__ = ["DataError", "ORDER", "EpochOrder", "TrainLoader", "TrainData", "expand_shards", "mix", "random_order"]
@@ -131,8 +134,7 @@ class TrainData:
     ):
         self.shards, self.seed, self.B, self.skip_bad = list(shards), seed, global_batch, skip_bad
         # an id at or above data_size is a bad sample, as `neuclip data check` says (skipped under skip_bad)
-        source = data_size_source(self.shards, data_size) if data_size is not None else ""
-        sv = survey(self.shards, data_size=data_size, data_size_from=source, caption_limit=max_caption_bytes)
+        sv = cached_survey(self.shards, **survey_settings(self.shards, data_size, max_caption_bytes))
         fatal = [p for p in sv.problems if p.fatal]
         if fatal or (sv.problems and not skip_bad):
             raise DataError(_listing(fatal or sv.problems, skippable=not fatal))
@@ -176,6 +178,12 @@ class TrainData:
         local = self.B // world
         start = k * self.B + rank * local
         return epoch, start, start + local
+
+
+def survey_settings(shards: list[str], data_size: int | None, max_caption_bytes: int | None) -> dict:
+    """The survey's settings for a training start (also what `make_data` asks `has_cached_survey` about)."""
+    source = data_size_source(shards, data_size) if data_size is not None else ""
+    return {"data_size": data_size, "data_size_from": source, "caption_limit": max_caption_bytes}
 
 
 def _listing(problems: list[Problem], skippable: bool) -> str:

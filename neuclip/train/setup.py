@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from neuclip.data.survey_cache import has_cached_survey
 from neuclip.train.config import ConfigError
-from neuclip.train.data import DataError, TrainData, TrainLoader
+from neuclip.train.data import DataError, TrainData, TrainLoader, survey_settings
 from neuclip.train.optim import build_optimizer
 from neuclip.train.runtime import Process
 
@@ -96,17 +98,13 @@ def build_parts(cfg: dict, geo: Geometry, device: torch.device) -> Parts:
 
 
 def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
-    """The usable samples of the shards and their epoch order (collective: each rank first indexes its share
-    of the shards not indexed yet, so a first start does not index every shard on every rank)."""
-    from neuclip.data.shards import ShardError, shard_index
-
-    for shard in shards[proc.rank :: proc.world]:
-        try:
-            shard_index(shard)
-        except ShardError:
-            pass  # reported by the survey below, with the bad-data rules
-    proc.barrier()
+    """The usable samples of the shards and their epoch order. A start after the first on the same data reads
+    the stored survey and nothing else; otherwise the shards' indexes are read, and any missing or stale one is
+    built first (said with a count and the time left), or refused with data.missing_index: refuse."""
     d = cfg["data"]
+    settings = survey_settings(shards, d["data_size"], d["max_caption_bytes"])
+    if not has_cached_survey(shards, **settings):
+        _ensure_indexes(shards, d["missing_index"], proc)
     data = TrainData(
         shards,
         seed=cfg["seed"],
@@ -133,6 +131,34 @@ def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
             flush=True,
         )
     return data
+
+
+def _ensure_indexes(shards: list[str], missing: str, proc: Process) -> None:
+    """Every rank checks every shard's index (the same verdict on all ranks), then all build the missing ones
+    together, each starting at its own offset: the indexes' locks split the work between the ranks, and with
+    the other cells starting on the same shards."""
+    from neuclip.data.index import ensure_indexes, index_is_fresh, report_progress
+
+    stale = [s for s in shards if not index_is_fresh(s)]
+    if not stale:
+        return
+    what = f"{len(stale)} of {len(shards)} shards have no index or a stale one (e.g. {stale[0]})"
+    if missing == "refuse":
+        raise DataError(f"{what}: build them first with `neuclip data index '{_folder_of(shards)}' --jobs N`, "
+                        "or set data.missing_index: build to build them at the start")
+    if proc.rank == 0:
+        print(f"neuclip train: {what}: building them now, {proc.world} rank(s) sharing the work (`neuclip data "
+              "index --jobs N` builds them beforehand, in parallel)", file=sys.stderr, flush=True)
+    progress = report_progress("neuclip train: indexing") if proc.rank == 0 else None
+    done = ensure_indexes(stale, start=proc.rank * len(stale) // proc.world, progress=progress)
+    print(f"neuclip train: rank {proc.rank} built {done.built} shard index(es) in {done.seconds:.1f} s",
+          file=sys.stderr, flush=True)
+
+
+def _folder_of(shards: list[str]) -> str:
+    """A folder or single shard to name in a message about `shards`."""
+    folders = {str(Path(s).parent) for s in shards}
+    return shards[0] if len(shards) == 1 else (folders.pop() if len(folders) == 1 else "PATTERN")
 
 
 def make_loader(cfg: dict, data: TrainData, proc: Process, start: int, bad_decoded: int, parts: Parts):
