@@ -11,7 +11,7 @@ import pytest
 
 from neuclip.data import tar_reference
 from neuclip.data.index import build_index
-from neuclip.data.shards import ShardError, scan_members, write_tar
+from neuclip.data.shards import ShardError, TarScan, scan_members, write_tar
 
 
 def _outcome(scan, path):
@@ -21,9 +21,20 @@ def _outcome(scan, path):
         return "ShardError"
 
 
+def _index(path, scanner):
+    try:
+        index = build_index(path, scanner)
+    except ShardError:
+        return "ShardError"
+    arrays = [getattr(index, k).tolist() for k in ("keys", "ids", "image", "image_ext", "text")]
+    return arrays, index.problems
+
+
 def _same(path):
+    """The same members and the same index (problems included) as the tarfile scan, or a ShardError from both."""
     ours, reference = _outcome(scan_members, path), _outcome(tar_reference.scan_members, path)
     assert ours == reference, path
+    assert _index(path, TarScan) == _index(path, tar_reference.TarfileScan), path
     return ours
 
 

@@ -13,6 +13,7 @@ TARGETS = {
     "state": "per-sample state at large data_size: memory and checkpoint per rank, 1 vs N ranks, resume",
     "streaming": "the distributed streaming error pass: 1, 2, 3 ranks against one process, memory as n grows",
     "npn": "NeuCLIP's NPN block replicated vs sharded: FLOP account at paper shapes, time per rank, tf32/bf16",
+    "startup": "process start to first batch at up to 1e8 samples, extrapolated to DFN-1B; index scan rate",
 }
 
 

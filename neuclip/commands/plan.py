@@ -3,7 +3,8 @@
 Every cell goes through the preflight that `snakemake -n` runs (neuclip/preflight.py), then one row per cell:
 world size, global batch, steps, samples seen, model parameters, per-rank memory of the model + AdamW state
 (16 bytes per parameter: weights, gradients, two moments) and of the per-sample estimator state, the checkpoint
-size, and GPU-hours at the ASSUMED samples/s per GPU of workflows/throughput.yaml (not measured here). Several
+size, GPU-hours at the ASSUMED samples/s per GPU of workflows/throughput.yaml (not measured here), and the
+minutes from process start to the first batch measured by `neuclip bench startup` (workflows/startup.yaml). Several
 files merge like Snakemake's --configfile (e.g. paper.yaml rehearsal.yaml). `--launcher slurm` plans as
 `--profile slurm` runs (the profile sets it); the default is the config's own.
 """
@@ -41,7 +42,16 @@ def _model_params(name: str, cache: dict) -> int:
     return cache[name]
 
 
-def rows(plans, throughput: dict) -> list[dict]:
+def startup_minutes(num_samples: int | None, startup: dict | None) -> str | None:
+    """'first / later' minutes to the first batch for a data set of `num_samples`, from workflows/startup.yaml."""
+    if not startup or not num_samples:
+        return None
+    first, later = (startup[k]["seconds_fixed"] + startup[k]["seconds_per_sample"] * num_samples
+                    for k in ("first_start", "later_start"))
+    return f"{first / 60:.1f} / {later / 60:.1f}"
+
+
+def rows(plans, throughput: dict, startup: dict | None = None) -> list[dict]:
     out, cache = [], {}
     gib = 1024**3
     for plan in plans:
@@ -63,6 +73,7 @@ def rows(plans, throughput: dict) -> list[dict]:
             "per-sample state GiB/rank": round(plan.state_gib_per_rank, 2),
             "checkpoint GiB": round((model_gib * 12 / 16) + plan.state_gib_total, 2),  # weights + 2 moments + state
             "GPU-hours (assumed rate)": round(samples / rate / 3600, 1) if rate else None,
+            "start-up min, first / later": startup_minutes(cfg["data"]["train_num_samples"], startup),
         })
     return out
 
@@ -88,11 +99,17 @@ def run(args) -> int:
         return 2
     print_warnings(plans)
     throughput = yaml_load((wf.REPO / "workflows" / "throughput.yaml").read_text())
-    table = pd.DataFrame(rows(plans, throughput["samples_per_second_per_gpu"]))
+    startup_file = wf.REPO / "workflows" / "startup.yaml"
+    startup = yaml_load(startup_file.read_text()) if startup_file.exists() else None
+    table = pd.DataFrame(rows(plans, throughput["samples_per_second_per_gpu"], startup))
     print(table.to_markdown(index=False))
     total = table["GPU-hours (assumed rate)"].sum()
     print(f"\n{len(table)} cells, {total:,.0f} GPU-hours at the assumed samples/s per {throughput['assumed_gpu']} "
           "GPU of workflows/throughput.yaml (assumptions, not measurements).")
+    if startup:
+        print("Start-up: minutes from process start to the first batch, at the first start on a data-set version "
+              "(indexes built, survey not yet stored) / at a later start, from workflows/startup.yaml (measured by "
+              f"`{startup['measured_by']}` on {startup['date']}; rerun it on your file system).")
     if args.csv:
         Path(args.csv).write_text(table.to_csv(index=False))
     return 0

@@ -68,12 +68,14 @@ def _stamp(path: Path) -> dict:
     return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def build_index(path: str | os.PathLike) -> ShardIndex:
-    """Scan one shard (headers plus its .txt/.json members) into a ShardIndex; raises ShardError."""
-
+def build_index(path: str | os.PathLike, scanner=TarScan) -> ShardIndex:
+    """Scan one shard (headers plus its .txt/.json members) into a ShardIndex; raises ShardError. `scanner`:
+    the tar reader (neuclip/data/tar_reference.py's TarfileScan for the tests and the benchmark)."""
     path = Path(path)
+    if not path.exists():
+        raise ShardError("file not found")
     keys, ids, image, image_ext_i, text, problems = [], [], [], [], [], {}
-    with TarScan(path) as scan:
+    with scanner(path) as scan:
 
         def read(member):
             return None if member is None else scan.read(*member)
@@ -131,6 +133,13 @@ def _save(index: ShardIndex, stamp: dict, targets: list[Path]) -> None:
             return
         except OSError:
             continue
+
+
+def save_index(index: ShardIndex) -> None:
+    """Store `index` as the index of its shard as the shard is now (for writers that know the members, and
+    the start-up benchmark's synthetic indexes)."""
+    path = Path(index.path)
+    _save(index, _stamp(path), index_paths(path))
 
 
 def _fresh(file: Path, stamp: dict) -> bool:
@@ -215,12 +224,7 @@ def _load_or_build(path: Path, wait: bool = True) -> ShardIndex | None:
 def shard_index(path: str | os.PathLike, cache: bool = True) -> ShardIndex:
     """The index of one shard: loaded from the cache when it matches the shard's size and mtime, else built
     (and cached). Raises ShardError for a shard that cannot be read to the end (never cached)."""
-    path = Path(path)
-    if not cache:
-        if not path.exists():
-            raise ShardError("file not found")
-        return build_index(path)
-    return _load_or_build(path)
+    return _load_or_build(Path(path)) if cache else build_index(path)
 
 
 def _try_build(shard: str) -> str:

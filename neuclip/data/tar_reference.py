@@ -1,8 +1,8 @@
 """The tarfile-based header scan that neuclip/data/shards.py's TarScan replaced, kept as its reference.
 
-tests/test_tar_scan.py holds TarScan to this on every damaged-shard case (same members, or a ShardError where
-this raises one), and `neuclip bench startup` times both side by side. Nothing else should call it: it builds a
-TarInfo per member and is several times slower.
+tests/test_tar_scan.py holds TarScan to this on every damaged-shard case (same members and the same index, or a
+ShardError where this raises one), and `neuclip bench startup` times both side by side. Nothing else should call
+it: it builds a TarInfo per member and is several times slower.
 """
 
 from __future__ import annotations
@@ -50,3 +50,28 @@ def scan_members(path: str | os.PathLike) -> Iterator[tuple[str, str, int, int]]
         marker = f.read(2 * BLOCK)
     if len(marker) < 2 * BLOCK or marker.strip(b"\0"):
         raise ShardError(f"truncated or corrupt after byte {end} (no end-of-archive marker)")
+
+
+class TarfileScan:
+    """TarScan's interface (members, read) over the tarfile scan, so `build_index(path, TarfileScan)` builds the
+    index the way it was built before TarScan."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> TarfileScan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def members(self) -> Iterator[tuple[str, str, int, int]]:
+        return scan_members(self.path)
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.file.seek(offset)
+        return self.file.read(size)
