@@ -18,7 +18,7 @@ if "experiment" not in config:
     configfile: f"{workflow.basedir}/workflows/configs/tiny.yaml"
 
 
-import neuclip.workflow as wf
+import neuclip.grid.workflow as wf
 import neuclip.yamlio
 
 # Snakemake's YAML reader keeps the last of two equal keys silently (a second `train:` replaces the first):
@@ -29,23 +29,23 @@ for _path in [*workflow.configfiles, *workflow.overwrite_configfiles]:
 wf.validate_config(config)
 
 # `rehearsal:` (e.g. a second --configfile workflows/configs/rehearsal.yaml): this experiment's own grid and
-# code path with only sizes shrunk (neuclip/rehearsal.py). The shrunk config is validated like any other.
-import neuclip.rehearsal
+# code path with only sizes shrunk (neuclip/grid/rehearsal.py). The shrunk config is validated like any other.
+import neuclip.grid.rehearsal
 
 if config.get("rehearsal"):
-    _shrunk = neuclip.rehearsal.rehearse(config)
+    _shrunk = neuclip.grid.rehearsal.rehearse(config)
     config.clear()
     config.update(_shrunk)
     wf.validate_config(config)
 
 # Every cell's start-up checks, before anything is queued: a broken cell fails `snakemake -n`, naming the cell
-# and the key (neuclip/preflight.py). Under the SLURM launcher, also every stage's request against the nodes
+# and the key (neuclip/grid/preflight.py). Under the SLURM launcher, also every stage's request against the nodes
 # of the cluster `sinfo` answers for (none on a laptop).
-import neuclip.cluster_fit
-import neuclip.preflight
+import neuclip.grid.cluster_fit
+import neuclip.grid.preflight
 
-_cluster = neuclip.cluster_fit.cluster_nodes() if config.get("launcher") == "slurm" else None
-neuclip.preflight.print_warnings(neuclip.preflight.preflight(config, cluster=_cluster))
+_cluster = neuclip.grid.cluster_fit.cluster_nodes() if config.get("launcher") == "slurm" else None
+neuclip.grid.preflight.print_warnings(neuclip.grid.preflight.preflight(config, cluster=_cluster))
 
 RUNS = wf.runs(config)
 RUNS_BY_KEY = {r.key: r for r in RUNS}

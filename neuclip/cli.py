@@ -68,10 +68,10 @@ USER_ERRORS = [
     ("neuclip.eval.runner", "MissingDataError"),
     ("neuclip.eval.runner", "ForeignResultsError"),
     ("neuclip.eval.fetch", "FetchError"),
-    ("neuclip.preflight", "PreflightError"),
+    ("neuclip.grid.preflight", "PreflightError"),
     ("neuclip.estimators.options", "OptionError"),
     ("neuclip.yamlio", "DuplicateKeyError"),
-    ("neuclip.launch", "SubmissionFailed"),
+    ("neuclip.jobs.launch", "SubmissionFailed"),
 ]
 
 

@@ -212,7 +212,7 @@ def test_small_sweep_writes_every_table_and_plot(tmp_path):
 
 @pytest.mark.parametrize("name", ["error_study", "error_study_paper_ratios"])
 def test_shipped_sweep_configs_load_and_plan(name, tmp_path):
-    import neuclip.workflow as wf
+    import neuclip.grid.workflow as wf
 
     config = yaml.safe_load((REPO / "workflows" / "configs" / f"{name}.yaml").read_text())
     wf.validate_config(config)

@@ -31,7 +31,7 @@ def _shards(data: Path) -> str:
 
 @pytest.mark.slow
 def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_data, tmp_path, capsys):
-    from neuclip import launch
+    from neuclip.jobs import launch
 
     steps = 60
     extra = {"train.max_steps": steps, "train.checkpoint_every": 1000, "train.log_every": 2}
@@ -92,8 +92,9 @@ def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_da
 
 
 def test_a_finished_run_is_recognised_from_its_folder_and_exported_here(synth_data, tmp_path, monkeypatch, capsys):
-    from neuclip import jobs, launch
     from neuclip.error_study.tracking import train
+    from neuclip.jobs import launch
+    from neuclip.jobs import records as jobs
 
     extra = {"train.max_steps": 4, "train.checkpoint_every": 2, "launcher.executor": "local"}
     cfg = tiny_config(tmp_path / "run", _shards(synth_data), **extra)
@@ -125,14 +126,14 @@ def test_a_waiter_stops_with_its_driver_and_the_job_goes_on(tmp_path):
     (orphaned below a surviving shell) stops by itself while the job runs on, for a later re-attach."""
     import submitit
 
-    from neuclip.waiter import EXIT_DRIVER_GONE
+    from neuclip.jobs.waiter import EXIT_DRIVER_GONE
 
     run_dir = tmp_path / "run"
     ex = submitit.LocalExecutor(run_dir / "submitit" / "local" / "%j")
     ex.update_parameters(timeout_min=5)
     job = ex.submit(time.sleep, 120)  # a real local job; what it runs does not matter to the waiter
     code = (
-        "import sys, submitit; from neuclip.waiter import wait; print('waiting', file=sys.stderr, flush=True); "
+        "import sys, submitit; from neuclip.jobs.waiter import wait; print('waiting', file=sys.stderr, flush=True); "
         "sys.exit(wait(submitit.LocalJob(sys.argv[1], sys.argv[2]), sys.argv[3]))"
     )
     err, rc = tmp_path / "waiter.err", tmp_path / "waiter.rc"
@@ -164,8 +165,8 @@ def test_a_waiter_stops_with_its_driver_and_the_job_goes_on(tmp_path):
 def test_job_names_carry_the_cell_and_are_unique_per_grid(tmp_path):
     import yaml
 
-    from neuclip import workflow as wf
-    from neuclip.jobs import NAME_MAX, job_name
+    from neuclip.grid import workflow as wf
+    from neuclip.jobs.records import NAME_MAX, job_name
 
     for path in sorted((REPO / "workflows" / "configs").glob("*.yaml")):
         config = yaml.safe_load(path.read_text())
@@ -190,7 +191,7 @@ def test_job_names_carry_the_cell_and_are_unique_per_grid(tmp_path):
 
 
 def test_debug_executor_runs_the_job_in_process(synth_data, tmp_path):
-    from neuclip import launch
+    from neuclip.jobs import launch
 
     cfg = tiny_config(tmp_path / "ok", _shards(synth_data), **{"train.max_steps": 2, "launcher.executor": "debug"})
     assert launch.launch(cfg) == 0  # (on failure the debug executor opens pdb: it is for debugging)
@@ -199,7 +200,7 @@ def test_debug_executor_runs_the_job_in_process(synth_data, tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_job_exits_non_zero_with_the_remote_traceback(synth_data, tmp_path, capsys):
-    from neuclip import launch
+    from neuclip.jobs import launch
 
     cfg = tiny_config(
         tmp_path / "bad",
@@ -228,7 +229,7 @@ def _slurm_cfg(tmp_path: Path, synth_data: Path, **launcher) -> dict:
 
 
 def test_slurm_script_uses_site_defaults_and_quotes_values(synth_data, tmp_path):
-    from neuclip.launch import make_executor
+    from neuclip.jobs.launch import make_executor
 
     cfg = _slurm_cfg(tmp_path, synth_data, qos="high; rm -rf ~", slurm_additional_parameters={"comment": "a b"})
     la = cfg["launcher"]
@@ -264,7 +265,8 @@ def test_control_characters_never_reach_sbatch(override):
 
 
 def test_rerun_reattaches_to_a_live_slurm_job(synth_data, tmp_path, monkeypatch):
-    from neuclip import jobs, launch
+    from neuclip.jobs import launch
+    from neuclip.jobs import records as jobs
 
     cfg = _slurm_cfg(tmp_path, synth_data)
     run_dir = Path(cfg["run_dir"])
@@ -310,7 +312,7 @@ def test_sbatch_is_retried_while_the_controller_is_down(capsys):
     """sbatch failing with 'Unable to contact slurm controller' is retried with backoff (each try logged) for
     launcher.submit_retry_s; a non-transient failure is not retried; an outage longer than the limit fails,
     naming sbatch's message."""
-    from neuclip.launch import Job, SubmissionFailed, _submit_retrying
+    from neuclip.jobs.launch import Job, SubmissionFailed, _submit_retrying
 
     down = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
     cfg = {"launcher": {"submit_retry_s": 100}}
@@ -334,7 +336,7 @@ def test_a_new_jobs_first_attempt_is_not_blamed_for_an_earlier_jobs_end(tmp_path
     import json as _json
     from types import SimpleNamespace
 
-    from neuclip import waiter as w
+    from neuclip.jobs import waiter as w
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -107,9 +107,9 @@ def _train_cli(cfg_path: Path, err: Path) -> subprocess.Popen:
 
 
 def test_a_waiting_launcher_follows_both_requeues_to_success(slurm_env, synth_data, tmp_path):
-    from neuclip import launch
     from neuclip.error_study.tracking import train
-    from neuclip.jobs import job_name
+    from neuclip.jobs import launch
+    from neuclip.jobs.records import job_name
 
     steps = 120
     cfg = _cell(tmp_path, synth_data, "requeue", steps)
@@ -153,7 +153,7 @@ def test_a_waiting_launcher_follows_both_requeues_to_success(slurm_env, synth_da
 
 
 def test_a_killed_driver_leaves_no_waiters_and_a_restart_submits_no_second_job(slurm_env, synth_data, tmp_path):
-    from neuclip.jobs import job_name
+    from neuclip.jobs.records import job_name
 
     done_cfg, live_cfg = _cell(tmp_path, synth_data, "short", 8), _cell(tmp_path, synth_data, "long", 200, seed=1)
     names = [job_name(done_cfg), job_name(live_cfg)]
@@ -247,8 +247,8 @@ def test_two_nodes_equal_one_process_and_a_requeue_resumes_on_both_bit_identical
     same global batch as 1 process: same losses, parameters and estimator state after 6 steps (1e-5). A longer
     2-node run preempted with `scontrol requeue` resumes on both nodes and ends bit-identical to an
     uninterrupted one."""
-    from neuclip import launch
     from neuclip.error_study.tracking import train
+    from neuclip.jobs import launch
     from tests.test_train_distributed import _param_diff
 
     def two_node(name: str, steps: int) -> dict:

@@ -1,4 +1,4 @@
-"""Every stage through the one launcher (neuclip/launch.py): `neuclip eval`, `neuclip error run` and `neuclip error
+"""Every stage through the one launcher (neuclip/jobs/launch.py): `neuclip eval`, `neuclip error run` and `neuclip error
 sweep --launcher YAML` run as submitit jobs in their output folder, with the same results as in-process; an
 evaluation job requeued mid-suite resumes past its finished tasks; a live job of any stage is re-attached to;
 the launcher section is the train config's (one table), old spellings refused."""
@@ -50,7 +50,7 @@ def _values(summary: dict) -> dict:
 @pytest.mark.slow  # submitit local jobs
 def test_eval_job_equals_in_process_and_names_its_cell(trained, synth_data, tmp_path):
     from neuclip.eval.runner import evaluate_suite
-    from neuclip.jobs import job_name
+    from neuclip.jobs.records import job_name
 
     here = evaluate_suite(trained / "model", "tiny", synth_data, tmp_path / "here", batch_size=16, workers=0,
                           progress=False)
@@ -70,7 +70,7 @@ def test_eval_job_equals_in_process_and_names_its_cell(trained, synth_data, tmp_
     # does not write it again; the launcher restores it from the job's result.
     import submitit
 
-    from neuclip.stages import restore_output
+    from neuclip.jobs.stages import restore_output
 
     written = (out / "summary.json").read_text()
     (out / "summary.json").unlink()
@@ -109,8 +109,8 @@ def test_error_run_job_writes_the_in_process_row(trained, tmp_path):
 def test_an_eval_job_requeued_mid_suite_keeps_its_finished_tasks(trained, synth_data, tmp_path):
     """USR2 (what a time limit sends) once the first task file exists: submitit requeues, the next attempt
     skips that task (its file is not rewritten) and finishes the others."""
-    from neuclip import launch
     from neuclip.eval.suites import suite_tasks
+    from neuclip.jobs import launch
 
     out = tmp_path / "requeued"
     work = {"model_dir": str(trained / "model"), "suite": "tiny", "data_root": str(synth_data), "batch_size": 1,
@@ -141,7 +141,7 @@ def test_an_eval_job_requeued_mid_suite_keeps_its_finished_tasks(trained, synth_
 
 
 def test_stage_launchers_follow_one_precedence_and_one_spelling():
-    import neuclip.workflow as wf
+    import neuclip.grid.workflow as wf
     from neuclip.train.config import ConfigError
 
     config = {
@@ -161,7 +161,7 @@ def test_stage_launchers_follow_one_precedence_and_one_spelling():
     assert wf.stage_launcher(config, "error_run", "cc3m")["gpus_per_node"] == 4  # the cell's allocation
     assert all(la["executor"] == "slurm" and la["site"].endswith("slurm/site.yaml") for la in (train, ev, sweep))
     # the launcher completes a stage's section with the site's defaults (lowest): partition from the site
-    from neuclip.launch import parse_launcher
+    from neuclip.jobs.launch import parse_launcher
 
     assert parse_launcher(wf._flow(ev))["partition"] == "debug"
     for bad, new in (({"time_min": 5}, "timeout_min"), ({"additional_parameters": {}}, "slurm_additional_parameters")):
@@ -174,7 +174,7 @@ def test_stage_launchers_follow_one_precedence_and_one_spelling():
 
 
 def test_a_stage_that_runs_as_one_task_refuses_several():
-    from neuclip.launch import make_executor, parse_launcher
+    from neuclip.jobs.launch import make_executor, parse_launcher
     from neuclip.train.config import ConfigError
 
     cfg = {"run_dir": "/tmp/x", "launcher": parse_launcher("{executor: slurm, gpus_per_node: 2}"), "meta": {}}
@@ -184,7 +184,7 @@ def test_a_stage_that_runs_as_one_task_refuses_several():
 
 def test_a_run_of_another_identity_is_moved_aside_only_when_asked(synth_data, tmp_path):
     """What the train rule does when a changed identity key (a method option) reruns a finished cell."""
-    from neuclip import launch
+    from neuclip.jobs import launch
     from neuclip.train.config import ConfigError
 
     root = tmp_path / "runs" / "exp"
@@ -206,9 +206,9 @@ def test_a_run_of_another_identity_is_moved_aside_only_when_asked(synth_data, tm
 
 
 def test_the_work_key_covers_arguments_inputs_and_code_but_not_settings(trained, monkeypatch):
-    """What a finished stage job may be reused for (neuclip/stages.py): the same arguments but run settings,
+    """What a finished stage job may be reused for (neuclip/jobs/stages.py): the same arguments but run settings,
     the same input files (name, size, mtime), the same code."""
-    from neuclip import stages
+    from neuclip.jobs import stages
 
     args = {"run": str(trained), "anchors": 16, "shards": None, "batch_size": 8}
     key = stages.work_key("error-run", {"args": args})

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from submitit.core.utils import JobPaths
 
-from neuclip.jobs import scontrol_job
+from neuclip.jobs.records import scontrol_job
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """The preflight: every cell of the shipped grids passes under the SLURM launcher, and each check, broken once,
-fails naming the cell and the key (neuclip/preflight.py)."""
+fails naming the cell and the key (neuclip/grid/preflight.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import neuclip.workflow as wf
-from neuclip.preflight import PreflightError, preflight
+import neuclip.grid.workflow as wf
+from neuclip.grid.preflight import PreflightError, preflight
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "workflows" / "configs"
@@ -63,7 +63,7 @@ odd|N/A|100|(null)
 
 
 def test_stage_requests_are_checked_against_the_cluster_nodes():
-    from neuclip.cluster_fit import parse_sinfo
+    from neuclip.grid.cluster_fit import parse_sinfo
 
     cluster = parse_sinfo(SINFO)
     assert cluster[1] == "debug" and [n.gpus for n in cluster[0]["big"]] == [8, 8] and "odd" not in cluster[0]

@@ -31,7 +31,7 @@ class Throwaway(OpenCLIP):
 '''
 
 PROBE = """
-import json, neuclip.workflow as wf
+import json, neuclip.grid.workflow as wf
 from neuclip.estimators import registry
 from neuclip.report import loading
 from neuclip.error_study import shadow

@@ -1,4 +1,4 @@
-"""The rehearsal switch: an experiment's own grid and code path with only sizes shrunk (neuclip/rehearsal.py),
+"""The rehearsal switch: an experiment's own grid and code path with only sizes shrunk (neuclip/grid/rehearsal.py),
 checked cell by cell against the real grid, then run for real: paper.yaml through `snakemake --profile slurm
 all` on the test cluster, ablations.yaml locally."""
 
@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 
-import neuclip.workflow as wf
-from neuclip.experiment import load_experiment
-from neuclip.rehearsal import tiny_model
+import neuclip.grid.workflow as wf
+from neuclip.grid.experiment import load_experiment
+from neuclip.grid.rehearsal import tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "workflows" / "configs"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import neuclip.workflow as wf
+import neuclip.grid.workflow as wf
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "workflows" / "configs"

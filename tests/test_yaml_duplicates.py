@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from neuclip.cli import main
-from neuclip.experiment import load_experiment
+from neuclip.grid.experiment import load_experiment
 from neuclip.train.testing import tiny_overrides
 from neuclip.yamlio import DuplicateKeyError, yaml_load
 

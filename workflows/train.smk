@@ -3,7 +3,7 @@
 # submitit (launcher: slurm) and waits. What reruns a cell is its identity alone (neuclip.train.config
 # IDENTITY_KEYS: model, data, method and its options, seed, batch, schedule, step budget): those are
 # train_config's params. Its run settings (resources, launcher, loader workers, log and checkpoint intervals,
-# error tracking) reach the command as untracked overrides, current at run time (neuclip/workflow.py).
+# error tracking) reach the command as untracked overrides, current at run time (neuclip/grid/workflow.py).
 
 from neuclip.estimators.registry import METHOD_NAME
 

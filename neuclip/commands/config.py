@@ -1,6 +1,6 @@
 """`neuclip config EXPERIMENT.yaml DATASET METHOD [SEED] [--variant V]`: print one grid cell's train config.
 
-The output is the file the workflow's train rule hands to `neuclip train` (neuclip.workflow.train_config),
+The output is the file the workflow's train rule hands to `neuclip train` (neuclip.grid.workflow.train_config),
 so a single cell of an experiment can be run, or inspected, by hand:
 
     neuclip config workflows/configs/paper.yaml cc3m neuclip 0 > cc3m_neuclip.yaml
@@ -29,7 +29,7 @@ def run(args) -> int:
 
     import yaml
 
-    from neuclip import workflow as wf
+    from neuclip.grid import workflow as wf
 
     try:
         config = yaml_load(Path(args.experiment).read_text())

@@ -27,7 +27,7 @@ def register(sub) -> None:
         help="with --dry-run: measured cost of one training step (ms), of embedding one row (us) and of one "
         "(row, anchor) of the exact pass (ns); prints the estimated wall time",
     )
-    from neuclip.launch import add_arguments
+    from neuclip.jobs.launch import add_arguments
 
     add_arguments(sweep)  # --launcher YAML: the sweep as a job (CPU only), OUT its folder; --detach
     sweep.set_defaults(func=run_sweep)
@@ -52,7 +52,7 @@ def run_one(args) -> int:
     if args.launcher is not None:
         from pathlib import Path
 
-        from neuclip.launch import launch_stage, run_meta
+        from neuclip.jobs.launch import launch_stage, run_meta
 
         run = Path(args.run_dir).resolve()
         work = {"run": str(run), "anchors": args.anchors, "shards": args.shards, "batch_size": args.batch_size}
@@ -70,7 +70,7 @@ def run_sweep(args) -> int:
     if args.launcher is not None and not args.dry_run:
         from pathlib import Path
 
-        from neuclip.launch import launch_stage
+        from neuclip.jobs.launch import launch_stage
 
         out = Path(args.out).resolve()
         work = {"config": str(Path(args.config).resolve()), "jobs": args.jobs}

@@ -50,7 +50,7 @@ def register(sub) -> None:
     )
     parser.add_argument("--redo", action="store_true", help="recompute every task, ignoring finished task files")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    from neuclip.launch import add_arguments
+    from neuclip.jobs.launch import add_arguments
 
     add_arguments(parser)  # --launcher YAML (run as a job: OUT is its folder), --detach
     parser.set_defaults(func=run)
@@ -88,10 +88,10 @@ def run(args) -> int:
 
 
 def _launch(args) -> int:
-    """The evaluation as a job (neuclip/launch.py): OUT is the job folder, named after the run's cell."""
+    """The evaluation as a job (neuclip/jobs/launch.py): OUT is the job folder, named after the run's cell."""
     from pathlib import Path
 
-    from neuclip.launch import launch_stage, run_meta
+    from neuclip.jobs.launch import launch_stage, run_meta
 
     model_dir = Path(args.model_dir).resolve()
     work = {

@@ -1,6 +1,6 @@
 """`neuclip plan CONFIG.yaml [MORE.yaml ...]`: the grid as a table, checked, with what each cell costs.
 
-Every cell goes through the preflight that `snakemake -n` runs (neuclip/preflight.py), then one row per cell:
+Every cell goes through the preflight that `snakemake -n` runs (neuclip/grid/preflight.py), then one row per cell:
 world size, global batch, steps, samples seen, model parameters, per-rank memory of the model + AdamW state
 (16 bytes per parameter: weights, gradients, two moments) and of the per-sample estimator state, the checkpoint
 size, GPU-hours at the ASSUMED samples/s per GPU of workflows/throughput.yaml (not measured here), and the
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from neuclip.experiment import load_experiment
+from neuclip.grid.experiment import load_experiment
 from neuclip.yamlio import yaml_load
 
 
@@ -83,8 +83,8 @@ def run(args) -> int:
 
     import pandas as pd
 
-    import neuclip.workflow as wf
-    from neuclip.preflight import PreflightError, preflight, print_warnings
+    import neuclip.grid.workflow as wf
+    from neuclip.grid.preflight import PreflightError, preflight, print_warnings
 
     values = {}
     if args.launcher:

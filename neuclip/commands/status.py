@@ -4,7 +4,7 @@ Cells are the union of the train configs the workflow wrote (RUNS_DIR/configs/<c
 run_dir) and the run folders present (RUNS_DIR/<dataset>/<method>/<variant>/seed<seed>). Per cell it reads
 only files and the scheduler, never a checkpoint:
 - done.json -> done;
-- RUN/job.json (written by neuclip/launch.py) and, when SLURM is there, one `squeue` for all jobs and one
+- RUN/job.json (written by neuclip/jobs/launch.py) and, when SLURM is there, one `squeue` for all jobs and one
   `sacct` for those squeue no longer lists -> queued / running / requeued / failed, with the job id; a
   queued job whose run already has an attempt in provenance.json, or a REQUEUED state, is "requeued";
 - a trainer holding RUN/.lock (seen in /proc/locks, without taking the lock) -> running;
@@ -235,7 +235,7 @@ def cell_row(cell: str, run_dir: Path, runs_dir: Path, queue, accounting: dict) 
 
 
 def _local_alive(job: dict) -> bool:
-    from neuclip.jobs import pid_alive
+    from neuclip.jobs.records import pid_alive
 
     try:
         return pid_alive(int(job["job_id"]))

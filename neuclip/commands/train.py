@@ -46,7 +46,7 @@ def run(args) -> int:
         print(dump(cfg), end="")
         return 0
 
-    from neuclip.launch import launch
+    from neuclip.jobs.launch import launch
     from neuclip.train.trainer import TrainingDiverged
 
     try:

@@ -9,7 +9,7 @@ mini-batch error depends on B itself, not only on n/B.
 
 The paper's n/B markers are derived, never typed: n = the registry's num_samples (workflows/datasets.yaml) and
 B = the global batch of the paper grid's train config (workflows/configs/paper.yaml), both read through
-neuclip.workflow exactly as the training runs read them.
+neuclip.grid.workflow exactly as the training runs read them.
 """
 
 from __future__ import annotations
@@ -123,8 +123,7 @@ def extrapolate(frame: pd.DataFrame, fits: pd.DataFrame, markers: list[dict]) ->
 def paper_markers(config_path: str | os.PathLike) -> list[dict]:
     """[{dataset, label, num_samples, global_batch_size, n_over_b}] for each data set of an experiment config
     (the paper grid), in its order; n and B come from the train config the workflow builds for that data set."""
-    import neuclip.workflow as wf
-    from neuclip.report.loading import DATASET_LABELS
+    import neuclip.grid.workflow as wf
 
     path = Path(config_path)
     if not path.is_absolute() and not path.exists() and (wf.REPO / path).exists():
@@ -145,7 +144,7 @@ def paper_markers(config_path: str | os.PathLike) -> list[dict]:
         out.append(
             {
                 "dataset": dataset,
-                "label": DATASET_LABELS.get(dataset, dataset),
+                "label": wf.registry(config)[dataset].get("label", dataset),  # the registry's, as tables use
                 "num_samples": int(n),
                 "global_batch_size": int(b),
                 "n_over_b": n / b,

@@ -30,7 +30,7 @@ from neuclip.atomic import write_atomic, write_json
 from neuclip.error_study.estimates import SCORED_KINDS, score, score_estimates
 from neuclip.error_study.exact import StreamingExact, exact_log_normalizers
 
-DISTRIBUTED = True  # every rank of a job runs the pass (neuclip/launch.py run_error)
+DISTRIBUTED = True  # every rank of a job runs the pass (neuclip/jobs/launch.py run_error)
 
 
 class ShardImages(IterableDataset):
@@ -315,7 +315,7 @@ def score_run(run_dir, anchors: int = 2048, shards: int | None = None, batch: in
               device: str = "auto"):
     """Score the run's newest checkpoint over its training data (only the first `shards` shards if given).
 
-    Under torch.distributed's environment (torchrun, or a job of several tasks: neuclip/launch.py) every rank
+    Under torch.distributed's environment (torchrun, or a job of several tasks: neuclip/jobs/launch.py) every rank
     runs it on its own GPU (`device` auto: cuda if there is one) with its share of the data and, for sharded
     per-sample state, its own shard of the checkpoint (re-cut if the training ran on another world size);
     rank 0 writes RUN/error/error.{json,csv}."""

@@ -32,7 +32,7 @@ METHOD_LABELS = _method_registry().labels()
 METHOD_ORDER = _method_registry().label_order()  # row order of every method table
 def _dataset_labels() -> dict[str, str]:
     """dataset key -> label, in registry order, from workflows/datasets.yaml (the one list of data sets)."""
-    from neuclip.workflow import registry
+    from neuclip.grid.workflow import registry
 
     return {dataset_key(name): entry.get("label", name) for name, entry in registry({}).items()}
 

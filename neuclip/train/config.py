@@ -77,7 +77,7 @@ def _identity_keys(node: dict, path: str = "") -> list[str]:
 
 
 # Keys whose change makes it another run: a resume that changes them is refused, and the workflow's rerun
-# triggers are exactly these (neuclip.workflow.identity). Derived from neuclip/train/schema.yaml's x-setting marks.
+# triggers are exactly these (neuclip.grid.workflow.identity). Derived from neuclip/train/schema.yaml's x-setting marks.
 IDENTITY_KEYS = _identity_keys(SCHEMA)
 SETTING_SECTIONS = ("data", "train", "error", "launcher")  # where the run settings live (besides run_dir, meta)
 

@@ -1,12 +1,12 @@
 """Check every cell of an experiment before anything is queued (run by the Snakefile when the DAG is built).
 
-For each run of the grid, the job's own config is built exactly as the job will see it (neuclip.workflow's
+For each run of the grid, the job's own config is built exactly as the job will see it (neuclip.grid.workflow's
 train config, launcher.site merged, the world size the launcher will start) and put through the start-up
 checks the trainer makes: the train-config schema, the batch geometry (neuclip.train.setup.Geometry, the
 trainer's own code), the method's options and sizes (the estimator's own declaration), a known model, and the
 per-node host memory that per-sample state needs against `mem_gb`. Under the SLURM launcher, every stage's
 request (train, eval, error pass, sweep) is also compared with the nodes of the cluster the Snakefile submits
-to, where `sinfo` answers (neuclip/cluster_fit.py): a request no node can hold would pend for ever.
+to, where `sinfo` answers (neuclip/grid/cluster_fit.py): a request no node can hold would pend for ever.
 Nothing here reads the shards: they may live only on the cluster's file system. A data set registered
 without a data_size takes it, as the trainer does, from the dataset.yaml beside its shards when that file is
 here (neuclip/data/keys.py).
@@ -48,7 +48,7 @@ def _known_models() -> set[str]:
 
 def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
     """Raise ConfigError/OptionError (naming the key) if this cell's job would stop at start-up."""
-    import neuclip.workflow as wf
+    import neuclip.grid.workflow as wf
     from neuclip.estimators.base import EstimatorContext
     from neuclip.estimators.registry import check_method, estimator_class
     from neuclip.train.config import DEFAULTS, ConfigError, _merge, apply_site, validate, world_size
@@ -114,9 +114,9 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
 
 def preflight(config: dict, cluster=None) -> list[CellPlan]:
     """Check every cell; raise PreflightError listing all failing cells (each line: cell, key, fix). With
-    `cluster` (neuclip.cluster_fit.cluster_nodes(): the Snakefile passes the cluster it submits to), each
+    `cluster` (neuclip.grid.cluster_fit.cluster_nodes(): the Snakefile passes the cluster it submits to), each
     stage's SLURM request is also checked against its nodes."""
-    import neuclip.workflow as wf
+    import neuclip.grid.workflow as wf
     from neuclip.estimators.options import OptionError
     from neuclip.train.config import ConfigError
 
@@ -136,11 +136,11 @@ def preflight(config: dict, cluster=None) -> list[CellPlan]:
 
 
 def _cluster_misfits(config: dict, plans: list[CellPlan], cluster) -> list[str]:
-    """Under the SLURM launcher, each stage's request against the cluster's nodes (neuclip/cluster_fit.py)."""
+    """Under the SLURM launcher, each stage's request against the cluster's nodes (neuclip/grid/cluster_fit.py)."""
     if config.get("launcher") != "slurm":
         return []
-    import neuclip.workflow as wf
-    from neuclip.cluster_fit import misfit
+    import neuclip.grid.workflow as wf
+    from neuclip.grid.cluster_fit import misfit
     from neuclip.train.config import launcher_section
 
     sections = {}  # (what, stage) -> launcher section; one check per distinct stage and data set

@@ -9,7 +9,7 @@ once the next attempt starts (each attempt appends itself to RUN/provenance.json
 The waiter stops when the process that started it exits: its parent or grandparent, i.e. Snakemake and the
 shell it runs a rule in **(choice: two levels)**. So a killed driver leaves no pollers behind; the job keeps
 running, and the next `neuclip train` (or eval, error run, error sweep) of the same job re-attaches to it
-(neuclip/jobs.py). A waiter
+(neuclip/jobs/records.py). A waiter
 started with `nohup ... &` from a shell that then exits stops too; use `neuclip train --detach` for that.
 """
 
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from neuclip.jobs import ALIVE_STATES, pid_alive, sacct_state, scontrol_job
+from neuclip.jobs.records import ALIVE_STATES, pid_alive, sacct_state, scontrol_job
 
 # `neuclip train` exits with this when its driver died while it waited (EX_TEMPFAIL, like the trainer's
 # EXIT_PREEMPTED): the job itself goes on, and a rerun re-attaches to it.

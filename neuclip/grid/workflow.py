@@ -19,7 +19,7 @@ import yaml
 
 from neuclip.yamlio import yaml_load
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 REGISTRY = REPO / "workflows" / "datasets.yaml"
 
 
@@ -190,7 +190,7 @@ def train_config(config: dict, run: Run) -> dict:
 
 
 # -- per-stage launchers ------------------------------------------------------------------------------------
-# Every stage that computes is a job of the one launcher (neuclip/launch.py). Its launcher section, lowest
+# Every stage that computes is a job of the one launcher (neuclip/jobs/launch.py). Its launcher section, lowest
 # first: slurm/site.yaml (merged by the launcher) < `resources` < `per_dataset.<set>.resources` < the stage's
 # shape below < `stages.<stage>`. Keys are the train config's launcher keys (neuclip/train/schema.yaml).
 STAGES = ("train", "eval", "error_run", "error_sweep")
@@ -198,7 +198,7 @@ STAGE_SHAPE = {
     "train": {},
     "eval": {"nodes": 1, "gpus_per_node": 1, "tasks_per_node": 1},  # one process on one GPU
     # the training cell's allocation (sized to its data set in per_dataset): the error pass embeds the same
-    # data with the same model; neuclip/launch.py run_error says which ranks work
+    # data with the same model; neuclip/jobs/launch.py run_error says which ranks work
     "error_run": {},
     "error_sweep": {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1},  # CPU only; cpus_per_task = its jobs
 }

@@ -34,10 +34,10 @@ class Kind:
 
 KINDS = {
     "train": Kind("neuclip train", "neuclip.error_study.tracking:train", True),  # the trainer with its tracker
-    "eval": Kind("neuclip eval", "neuclip.stages:run_eval", False),
+    "eval": Kind("neuclip eval", "neuclip.jobs.stages:run_eval", False),
     # on the training cell's allocation; see stages.run_error for which ranks work
-    "error-run": Kind("neuclip error run", "neuclip.stages:run_error", True),
-    "error-sweep": Kind("neuclip error sweep", "neuclip.stages:run_sweep", False),
+    "error-run": Kind("neuclip error run", "neuclip.jobs.stages:run_error", True),
+    "error-sweep": Kind("neuclip error sweep", "neuclip.jobs.stages:run_sweep", False),
 }
 
 JOB_FILE = "job.json"

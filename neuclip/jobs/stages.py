@@ -1,6 +1,6 @@
 """The job kinds besides training (eval, error-run, error-sweep): their work inside the job and their outputs.
 (The stage commands' side of the launcher, `neuclip eval|error run|error sweep --launcher YAML`, is in
-neuclip/launch.py; the kinds themselves in neuclip/jobs.py.)
+neuclip/jobs/launch.py; the kinds themselves in neuclip/jobs/records.py.)
 
 Outputs and reruns. Each kind ends by writing one small file that Snakemake tracks (train done.json, eval
 summary.json, error-run error.json; the sweep its tables, all rebuilt from its errors.json), and its job
@@ -10,7 +10,7 @@ while nobody waits: the rerun then deletes that output as incomplete. So the lau
 - reuses a job that already finished *the same work* (the job folder's job.json holds the work's key: its
   arguments but the run settings, and its inputs' stamps: the model files, the checkpoints, the sweep config)
   instead of submitting a second one (`reuse_finished`). Training has its own rule: a run whose newest
-  checkpoint is its final step is exported in-process (neuclip/launch.py).
+  checkpoint is its final step is exported in-process (neuclip/jobs/launch.py).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _stamps(paths) -> list:
 def code_fingerprint() -> str:
     """sha256 of the harness's own source (neuclip/, baselines/): a finished job of older code is never reused,
     whatever changed (an eval task's definition, the error pass, an estimator)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
     for path in sorted([*(root / "neuclip").rglob("*.py"), *(root / "neuclip").rglob("*.yaml"),
                         *(root / "baselines").glob("*.py")]):
@@ -162,7 +162,7 @@ def _write_output(kind: str, cfg: dict, value) -> Path | None:
 def restore_output(kind: str, cfg: dict, job) -> int:
     """After a successful job: rewrite its output from its result if it is missing or not the job's (see the
     module doc)."""
-    from neuclip.jobs import KINDS
+    from neuclip.jobs.records import KINDS
 
     outcome, value = _result(job.paths.folder, job.job_id)
     try:
@@ -179,7 +179,7 @@ def restore_output(kind: str, cfg: dict, job) -> int:
 def reuse_finished(kind: str, cfg: dict) -> int | None:
     """0 if the job folder's last job finished this very work successfully (its outputs restored if a rerun
     removed them), else None: then a job is needed."""
-    from neuclip.jobs import KINDS, job_record
+    from neuclip.jobs.records import KINDS, job_record
 
     key, record = work_key(kind, cfg), job_record(Path(cfg["run_dir"]))
     if key is None or not record or record.get("kind") != kind or record.get("work") != key:

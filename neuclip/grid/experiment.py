@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neuclip.rehearsal import rehearse
-from neuclip.workflow import deep_merge, validate_config
+from neuclip.grid.rehearsal import rehearse
+from neuclip.grid.workflow import deep_merge, validate_config
 from neuclip.yamlio import load_file
 
 

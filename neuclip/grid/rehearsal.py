@@ -8,7 +8,7 @@ with the SLURM profile (whose `config` list a command-line `--config` would repl
 What changes (sizes only): every data set becomes synthetic shards made by `neuclip data synth` with the
 rehearsal's sample count, several shards, and a data_size at least as much larger than the samples present as
 the real set's (max id + 1 over pairs present; the generator's img2dataset keys, gapped between shards, may
-need more: neuclip.workflow.synthetic_data_size); models become the tiny model of their family (RN* ->
+need more: neuclip.grid.workflow.synthetic_data_size); models become the tiny model of their family (RN* ->
 tiny-cnn, with BatchNorm like RN50; ViT* -> tiny-vit); training runs `steps` steps at a global batch of at most
 `global_batch_size`; checkpoints, logs and error tracking come every few steps; resources shrink to what the
 test cluster has; evaluation runs the tiny suite; one seed. What does not change: the data sets, methods,
@@ -48,7 +48,7 @@ def tiny_model(name: str) -> str:
 
 
 def _merge(base: dict | None, update: dict | None) -> dict:
-    from neuclip.workflow import deep_merge
+    from neuclip.grid.workflow import deep_merge
 
     return deep_merge(base or {}, update or {})
 
@@ -94,7 +94,7 @@ def _shrink_error(err: dict | None, r: dict) -> dict:
 
 
 def _world(config: dict, dataset: str, r: dict) -> int:
-    from neuclip.workflow import stage_launcher
+    from neuclip.grid.workflow import stage_launcher
 
     res = stage_launcher(config, "train", dataset)  # the shrunk config's: resources, per_dataset and stages
     if config.get("launcher", "inprocess") == "inprocess":
@@ -125,7 +125,7 @@ def rehearse(config: dict) -> dict:
     """The shrunk config when `config` asks for a rehearsal, else `config` unchanged."""
     if not config.get("rehearsal"):
         return config
-    import neuclip.workflow as wf
+    import neuclip.grid.workflow as wf
 
     given = config["rehearsal"] if isinstance(config["rehearsal"], dict) else {}
     r = {**DEFAULTS, **given, "synthetic": {**DEFAULTS["synthetic"], **(given.get("synthetic") or {})}}

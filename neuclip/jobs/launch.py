@@ -11,7 +11,7 @@ model and task fingerprints), the error pass and the sweep by recomputing (each 
 inputs). With several tasks (`nodes` x `tasks_per_node`), torch.distributed's environment is exported
 (`TorchDistributedEnvironment`: MASTER_ADDR is the first node, RANK, WORLD_SIZE, LOCAL_RANK).
 
-Before submitting, `launch` reads the job folder (neuclip/jobs.py), not only the output file:
+Before submitting, `launch` reads the job folder (neuclip/jobs/records.py), not only the output file:
 - a job recorded in JOB_DIR/job.json that is still alive is re-attached to instead of submitting a second one;
 - a train run whose newest checkpoint is its final step has finished training: it is exported and done.json
   written here, in this process, with no job. That is what a forced rerun of a finished cell, or Snakemake's
@@ -20,8 +20,8 @@ Before submitting, `launch` reads the job folder (neuclip/jobs.py), not only the
   method option, seed, step budget, ...) is moved aside, to EXPERIMENT.superseded/STAMP/..., and the cell
   trains afresh; without it that is an error, as before;
 - another kind's job whose last job in that folder already did the same work (job.json's `work` key) is not
-  submitted again: its output is restored from that job's result if a rerun removed it (neuclip/stages.py).
-Then it waits (neuclip/waiter.py): through requeues to the job's final state, and no longer than the
+  submitted again: its output is restored from that job's result if a rerun removed it (neuclip/jobs/stages.py).
+Then it waits (neuclip/jobs/waiter.py): through requeues to the job's final state, and no longer than the
 process that started it lives. SLURM jobs are named after their grid cell and stage (`jobs.job_name`).
 
 Executors are built by class (`submitit.SlurmExecutor`, `LocalExecutor`, `DebugExecutor`): the explicit
@@ -41,10 +41,10 @@ import sys
 import time
 from pathlib import Path
 
-from neuclip import stages
-from neuclip.jobs import KINDS, final_checkpoint, job_name, live_job, record_attempt, write_job_record
+from neuclip.jobs import stages
+from neuclip.jobs.records import KINDS, final_checkpoint, job_name, live_job, record_attempt, write_job_record
+from neuclip.jobs.waiter import wait
 from neuclip.train.config import tasks_per_node
-from neuclip.waiter import wait
 
 __all__ = ["KINDS", "Job", "TrainJob", "launch", "make_executor", "submit", "wait"]
 
