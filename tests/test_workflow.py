@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -143,3 +144,21 @@ def test_synthetic_data_size_is_what_the_generator_writes(tmp_path):
     assert wf.train_config(cfg, run)["data"]["data_size"] == 500
     cfg["dataset_overrides"] = {"synthetic": {"data_size": 50}}
     assert wf.train_config(cfg, run)["data"]["data_size"] == 208
+
+
+def test_the_config_file_holds_the_identity_and_settings_travel_one_channel():
+    """The train_config rule writes no run setting (mem_gb, workers, intervals): those reach `neuclip train` only
+    as the train rule's overrides, and file + overrides is the cell's whole train config."""
+    from neuclip.train.config import DEFAULTS, IDENTITY_KEYS, _merge, get, parse_overrides
+
+    cfg = load("paper")
+    run = wf.Run("cc3m", "neuclip", "default", 0)
+    written = wf.config_file(cfg, run)
+    assert "launcher" not in written and "workers" not in written["data"]
+    assert "checkpoint_every" not in written["train"] and "every" not in written.get("error", {})
+    full = _merge(copy.deepcopy(DEFAULTS), wf.train_config(cfg, run))
+    from_file = _merge(copy.deepcopy(DEFAULTS), written)
+    assert {k: get(from_file, k) for k in IDENTITY_KEYS} == {k: get(full, k) for k in IDENTITY_KEYS}
+    overrides = parse_overrides(shlex.split(str(wf.train_settings(cfg, run))))
+    assert _merge(from_file, overrides) == full
+    assert full["launcher"]["mem_gb"] == 240  # the paper grid's resources, through the one channel

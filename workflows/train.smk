@@ -1,5 +1,5 @@
-# Training: one run folder per (dataset, method, variant, seed). `train_config` writes the run's full
-# `neuclip train` config; `train` calls the launcher, which trains in-process or submits to SLURM through
+# Training: one run folder per (dataset, method, variant, seed). `train_config` writes the run's `neuclip
+# train` config without its run settings; `train` calls the launcher, which trains in-process or submits to SLURM through
 # submitit (launcher: slurm) and waits. What reruns a cell is its identity alone (neuclip.train.config
 # IDENTITY_KEYS: model, data, method and its options, seed, batch, schedule, step budget): those are
 # train_config's params. Its run settings (resources, launcher, loader workers, log and checkpoint intervals,
@@ -29,7 +29,7 @@ rule train_config:
         f"{EXP_RUNS}/configs/{RUN}.yaml",
     params:
         identity=lambda w: wf.identity(config, run_of(w)),
-        text=lambda w: wf.yaml_text(wf.train_config(config, run_of(w))),
+        text=lambda w: wf.yaml_text(wf.config_file(config, run_of(w))),
     localrule: True
     shell:
         "printf '%s' {params.text:q} > {output:q}.tmp && mv {output:q}.tmp {output:q}"

@@ -282,6 +282,22 @@ def identity(config: dict, run: Run) -> dict:
     return {key: get(cfg, key) for key in IDENTITY_KEYS}
 
 
+def config_file(config: dict, run: Run) -> dict:
+    """What the train_config rule writes: the cell's train config without its run settings. Those (the
+    launcher's resources, loader workers, intervals) travel one channel only, `train_settings`, as overrides
+    current at run time: a value written in the file could disagree with them."""
+    from neuclip.train.config import run_settings
+
+    cfg = train_config(config, run)
+    for section, values in run_settings(_full(config, run)).items():
+        kept = {k: v for k, v in (cfg.get(section) or {}).items() if k not in values}
+        if kept:
+            cfg[section] = kept
+        else:
+            cfg.pop(section, None)
+    return cfg
+
+
 def train_settings(config: dict, run: Run) -> Untracked:
     """The run settings as `neuclip train` overrides (`launcher={...}` ...): passed at run time, so a cell
     that (re)trains uses the current ones even when its config file was written before they changed."""
