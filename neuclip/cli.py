@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from neuclip.atomic import disk_full
+
 # Order is the order `neuclip --help` lists them in: the pipeline's order.
 COMMANDS = ["data", "methods", "config", "plan", "train", "status", "eval", "error", "study", "report", "bench"]
 
@@ -44,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 def user_error_line(err: BaseException) -> str | None:
     """One line for a failure that is the input's or the machine's, not the code's (None: a bug, which keeps its
     traceback). Set NEUCLIP_DEBUG=1 for the traceback of any failure."""
-    from neuclip.atomic import disk_full
 
     if disk_full(err):
         where = getattr(err, "filename", None) or "the output folder"

@@ -21,6 +21,11 @@ import numpy as np
 import torch
 
 from neuclip.bench.common import command_line, machine_line, publish
+from neuclip.data.check import _Seen, open_image, survey
+from neuclip.data.shards import iter_samples
+from neuclip.data.synth import synthesize
+from neuclip.train import data as D
+from neuclip.train.data import EpochOrder, FastTrainTransform, TrainData, TrainLoader, random_order
 
 
 def add_arguments(parser) -> None:
@@ -33,7 +38,6 @@ def add_arguments(parser) -> None:
 
 
 def _shards(work: Path, name: str, num: int, image_size: int, shard_size: int) -> list[str]:
-    from neuclip.data.synth import synthesize
 
     out = work / f"{name}-{num}-{shard_size}"  # reused only for the same sizes
     if not (out / "manifest.json").exists():
@@ -42,7 +46,6 @@ def _shards(work: Path, name: str, num: int, image_size: int, shard_size: int) -
 
 
 def _ours(shards, batch, transform, tokenizer, fast=True):
-    from neuclip.train import data as D
 
     loader = D.TrainLoader(
         D.TrainData(shards, seed=0, global_batch=batch, block=1 << 20, skip_bad=False),
@@ -92,8 +95,6 @@ def _throughput(make, batch) -> float:
 
 def _stages(shards, transform, tokenizer, fast) -> dict[str, float]:
     """ms per sample of each stage (best of 3 passes), on the first 256 samples of the first shard."""
-    from neuclip.data.check import open_image
-    from neuclip.data.shards import iter_samples
 
     samples = [s for _, s in zip(range(256), iter_samples(Path(shards[0])))]
     images = [open_image(s["jpg"], "jpg") for s in samples]
@@ -132,7 +133,6 @@ def _stages(shards, transform, tokenizer, fast) -> dict[str, float]:
 
 def _resume(shards, batch) -> list[tuple[str, float, float]]:
     """(position, seconds to build the data view from the cached index, seconds to the first batch)."""
-    from neuclip.train.data import TrainData, TrainLoader
 
     rows = []
     for label, epochs in (
@@ -152,8 +152,6 @@ def _resume(shards, batch) -> list[tuple[str, float, float]]:
 
 def _scale() -> list[tuple[str, str]]:
     """The order's costs at DFN-1B size (1.4e9 samples in 140,000 shards of 10,000), without the data."""
-    from neuclip.data.check import _Seen
-    from neuclip.train.data import EpochOrder, random_order
 
     ids = np.random.default_rng(0).permutation(10_000_000).astype(np.int64)
     seen, t0 = _Seen(), time.perf_counter()
@@ -203,7 +201,6 @@ def _rates(args, shards, transform, tokenizer) -> dict[str, float]:
 
 def _resume_costs(work: Path, num: int) -> tuple[int, int, float, list]:
     """(samples, shards, seconds to index them cold, rows of `_resume`)."""
-    from neuclip.data.check import survey
 
     shards = _shards(work, "jpeg32", num, 32, 4096)
     for s in shards:  # a cold index: built from the tars
@@ -263,7 +260,6 @@ def _markdown(args, best, stages, resume, scale) -> str:
 def run(args) -> int:
     import open_clip
 
-    from neuclip.train.data import FastTrainTransform
 
     torch.set_num_threads(1)
     work = Path(args.work)

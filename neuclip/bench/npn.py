@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from neuclip.bench.common import command_line, machine_line, publish
+from neuclip.estimators import Batch, EstimatorContext, build_estimator, ops
+from neuclip.estimators.ops import contrast_diffs, log_eps_g, positive_mask
+from neuclip.export import create_model, register_model_configs
 
 
 def add_arguments(parser) -> None:
@@ -60,14 +63,12 @@ def _batch(n: int, d: int, seed: int, device="cpu"):
 
 
 def _estimator(d: int, m: int, t_u: int, matmul: str = "fp32", seed: int = 0):
-    from neuclip.estimators import EstimatorContext, build_estimator
 
     opts = {"num_prototypes": m, "inner_steps": t_u, "npn_matmul": matmul, "seed": seed, "restart_sampling": "batch"}
     return build_estimator("neuclip", opts, EstimatorContext(embed_dim=d, data_size=10**6))
 
 
 def _targets(image, text, tau, eps=1e-14):
-    from neuclip.estimators.ops import contrast_diffs, log_eps_g, positive_mask
 
     mask = positive_mask(image.shape[0], image.shape[0], 0, image.device)
     return (log_eps_g(contrast_diffs(image, text, 0) / tau, mask, eps),
@@ -83,7 +84,6 @@ def _npn_block(est, image, text, tau):
 
 def _model_flops(name: str, batch: int) -> tuple[int, int]:
     """(forward, forward + backward) FLOPs of the open_clip model on `batch` image-text pairs."""
-    from neuclip.export import create_model
 
     model, _, _, tokenizer = create_model(name)
     size = model.visual.image_size
@@ -104,7 +104,6 @@ def _model_flops(name: str, batch: int) -> tuple[int, int]:
 def _loss_flops(b: int, big_b: int, d: int, m: int) -> int:
     """The NeuCLIP estimator's encoder loss and its backward for one rank (b anchors, the global batch of B),
     the NPN applied to the local anchors once, without the NPN block (counted separately)."""
-    from neuclip.estimators import Batch
 
     est = _estimator(d, m, 1)
     est._npn_block = lambda *a, **k: None  # the block is counted on its own
@@ -113,7 +112,6 @@ def _loss_flops(b: int, big_b: int, d: int, m: int) -> int:
 
     def run():
         # one rank's view: local anchors against the gathered batch (the gather itself costs no FLOPs)
-        from neuclip.estimators import ops
 
         real = ops.gather_with_grad
         ops.gather_with_grad = lambda t: torch.cat([t, (image if t is x else text)[b:]])
@@ -217,7 +215,6 @@ def run(args) -> int:
         return _allreduce_child(int(world), int(floats), int(times), out)
     import open_clip
 
-    from neuclip.export import register_model_configs
 
     register_model_configs()
     cfg = open_clip.get_model_config(args.model)

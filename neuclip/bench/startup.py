@@ -26,7 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+import neuclip.train.data  # noqa: F401
+from neuclip.atomic import write_atomic
 from neuclip.bench.common import command_line, machine_line, publish
+from neuclip.data import check
+from neuclip.data.index import ShardIndex, build_index, index_is_fresh, save_index, shard_index
+from neuclip.data.keys import data_size_of, img2dataset_key, key_space
+from neuclip.data.shards import TarScan, expand_pattern, write_tar
+from neuclip.data.survey_cache import cached_survey, has_cached_survey
+from neuclip.data.tar_reference import TarfileScan
+from neuclip.train.data import EpochOrder, survey_settings
 
 SHARD = 10_000  # img2dataset's default samples per shard, and DFN's
 BATCH = 5120  # the paper's DFN global batch
@@ -48,8 +57,6 @@ def add_arguments(parser) -> None:
 
 
 def _scan_shards(work: Path, shards: int, image_kb: int) -> list[Path]:
-    from neuclip.data.keys import img2dataset_key
-    from neuclip.data.shards import write_tar
 
     out = work / f"scan-{shards}x{SHARD}-{image_kb}k"
     out.mkdir(parents=True, exist_ok=True)
@@ -73,9 +80,6 @@ def _scan_shards(work: Path, shards: int, image_kb: int) -> list[Path]:
 
 
 def _scan_rates(paths: list[Path]) -> dict[str, float]:
-    from neuclip.data.index import build_index
-    from neuclip.data.shards import TarScan
-    from neuclip.data.tar_reference import TarfileScan
 
     scanners = {"TarScan (os.pread over the headers)": TarScan, "tarfile (the scan it replaced)": TarfileScan}
     best = dict.fromkeys(scanners, 0.0)
@@ -93,8 +97,6 @@ def _scan_rates(paths: list[Path]) -> dict[str, float]:
 
 def _stand_in(work: Path, n: int) -> Path:
     """S = n / 10,000 sparse tars and their synthetic indexes (written once)."""
-    from neuclip.data.index import ShardIndex, save_index
-    from neuclip.data.keys import img2dataset_key, key_space
 
     folder = work / f"n{n}"
     done = folder / "done"
@@ -122,12 +124,6 @@ def _stand_in(work: Path, n: int) -> Path:
 
 def _measure(n: int, kind: str, work: Path) -> dict:
     """The pieces of one start (in this fresh process); `kind` "first" (no stored survey) or "later"."""
-    from neuclip.data import check
-    from neuclip.data.index import index_is_fresh
-    from neuclip.data.keys import data_size_of
-    from neuclip.data.shards import expand_pattern
-    from neuclip.data.survey_cache import cached_survey, has_cached_survey
-    from neuclip.train.data import EpochOrder, survey_settings
 
     folder = work / f"n{n}"
     if kind == "first":
@@ -178,7 +174,6 @@ def _measure(n: int, kind: str, work: Path) -> dict:
     order = EpochOrder(sv.counts, seed=0, block=1 << 20)
     shard, nth = order.locate(0, 0, BATCH)
     lap(f"order: the first batch's {BATCH} positions")
-    from neuclip.data.index import shard_index
 
     for s in np.unique(shard):
         index = shard_index(shards[s])
@@ -206,7 +201,6 @@ def main_measure(started: float) -> None:
     n, kind, work = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     import torch  # what the trainer imports before its data: part of every start  # noqa: F401
 
-    import neuclip.train.data  # noqa: F401
 
     imported = time.time()
     result = _measure(n, kind, work)
@@ -316,7 +310,6 @@ def _write_plan_file(path: Path, ns: list[int], runs: dict, rates: dict) -> None
 
     import yaml
 
-    from neuclip.atomic import write_atomic
 
     fitted = {}
     for kind in ("first", "later"):

@@ -29,6 +29,12 @@ from pathlib import Path
 import torch
 
 from neuclip.bench.common import command_line, machine_line, publish
+from neuclip.cli import main
+from neuclip.data.shards import write_tar
+from neuclip.data.synth import _train_sample
+from neuclip.train import checkpoint as ckpt
+from neuclip.train.testing import tensors_equal, tiny_config, write_config
+from neuclip.yamlio import yaml_load
 
 GIB = 1024**3
 BASE_GIB = 0.6  # a tiny-vit trainer process without per-sample state (measured: about 0.5 GiB)
@@ -57,8 +63,6 @@ def _status(field: str) -> int:
 
 def _child(config: str) -> int:
     """One rank of a run: `neuclip train CONFIG`, then its peak memory to RUN/rss.rankR.json."""
-    from neuclip.cli import main
-    from neuclip.yamlio import yaml_load
 
     peak = [0]
     done = threading.Event()
@@ -79,8 +83,6 @@ def _child(config: str) -> int:
 
 def _shards(folder: Path, samples: int, data_size: int) -> str:
     """Synthetic samples re-keyed with ids drawn uniformly from [0, data_size), sorted, in shards of 64."""
-    from neuclip.data.shards import write_tar
-    from neuclip.data.synth import _train_sample
 
     ids = sorted(random.Random(0).sample(range(data_size), samples))
     width = len(str(data_size - 1))
@@ -97,7 +99,6 @@ def _shards(folder: Path, samples: int, data_size: int) -> str:
 
 
 def _config(work: Path, name: str, shards: str, data_size: int, method: str, placement: str, steps: int) -> Path:
-    from neuclip.train.testing import tiny_config, write_config
 
     cfg = tiny_config(work / name, shards, **{
         "method.name": method, "method.options": {"state_placement": placement}, "data.data_size": data_size,
@@ -131,7 +132,6 @@ def _descendants(pid: int) -> list[int]:
 def _files_equal(a: Path, b: Path) -> bool:
     """Two checkpoint files hold the same tensors bit for bit (memory-mapped; NaN, an unvisited id, equals NaN).
     A main file's config (its run_dir) and wall time differ between twins and are left out."""
-    from neuclip.train.testing import tensors_equal
 
     def bits(x):
         if isinstance(x, dict):
@@ -145,7 +145,6 @@ def _files_equal(a: Path, b: Path) -> bool:
 
 
 def _one(work: Path, shards: str, data_size: int, method: str, world: int, placement: str, args) -> dict:
-    from neuclip.train import checkpoint as ckpt
 
     cfg = _config(work, "ref", shards, data_size, method, placement, args.steps)
     t0 = time.perf_counter()

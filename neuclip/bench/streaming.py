@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from neuclip.bench.common import command_line, machine_line, publish
+from neuclip.error_study.estimates import minibatch_log_normalizers
+from neuclip.error_study.exact import StreamingExact, exact_log_normalizers
+from neuclip.error_study.run_error import _partition
 
 CHUNK = 8192  # rows per chunk handed to the pass (an embedding loop's batches)
 
@@ -80,8 +83,6 @@ def _vm(field: str) -> int:
 
 def _stream(n, dim, anchors, tau, batch, rank, holders):
     """This rank's part of the pass: chunks k with k % holders == rank (none if rank >= holders)."""
-    from neuclip.error_study.exact import StreamingExact
-    from neuclip.error_study.run_error import _partition
 
     anchor = _anchors(n, anchors)
     image, text = _anchor_rows(anchor, n, dim)
@@ -112,7 +113,6 @@ def _child(argv: list[str]) -> int:
         if world > 1:
             dist.destroy_process_group()
         return 0
-    from neuclip.error_study.exact import exact_log_normalizers
 
     def one(size):
         if mode == "streaming":
@@ -144,8 +144,6 @@ def run(args) -> int:
         return _child(args.child)
     import tempfile
 
-    from neuclip.error_study.estimates import minibatch_log_normalizers
-    from neuclip.error_study.exact import exact_log_normalizers
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_streaming_"))
     image, text = _all(args.n, args.dim)

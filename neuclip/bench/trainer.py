@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from neuclip.data.synth import synthesize
+
 WRAPPER = (
     "import sys, torch, open_clip; from neuclip.export import MODEL_CONFIG_DIR; "
     "open_clip.add_model_config(MODEL_CONFIG_DIR); torch.set_num_threads(int(sys.argv.pop(1))); "
@@ -147,7 +149,6 @@ def _open_clip(work: Path, args, precision: str) -> dict:
 def run(args) -> int:
     import torch
 
-    from neuclip.data.synth import synthesize
 
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     methods = [m for m in args.methods.split(",") if m]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from neuclip.data.download import DownloadError, download, parse_sets
+from neuclip.eval.fetch import FetchError, fetch_eval
 from neuclip.yamlio import yaml_load
 
 
@@ -54,7 +56,6 @@ def register(data_sub) -> None:
 
 def run_download(args) -> int:
 
-    from neuclip.data.download import DownloadError, download, parse_sets
 
     try:
         site = {}
@@ -71,7 +72,6 @@ def run_download(args) -> int:
 
 
 def run_fetch_eval(args) -> int:
-    from neuclip.eval.fetch import FetchError, fetch_eval
 
     try:
         return fetch_eval(args.suite, args.root, timeout=args.timeout)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from neuclip.data.index import ShardIndex, shard_index
+from neuclip.data.keys import data_size_of, data_size_source
 from neuclip.data.samples import IMAGE_EXTS, image_ext, parse_id, record_problems  # noqa: F401 - re-exported
 from neuclip.data.shards import ShardError, expand_pattern
 
@@ -304,7 +305,6 @@ def check_shards(pattern: str, skip_bad: bool = False, need_ids: bool = True, da
         return report
     size, source = None, ""
     if need_ids:
-        from neuclip.data.keys import data_size_of, data_size_source
 
         names = list(map(str, paths))
         try:  # the trainer's default id space: dataset.yaml beside the shards, else max id + 1 (sanity-checked)

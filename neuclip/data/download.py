@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from neuclip.atomic import write_atomic, write_json
 from neuclip.data import keys
 from neuclip.data.index import ensure_indexes
 from neuclip.data.keys import INFO
@@ -409,7 +410,6 @@ def download(dataset: str, url_list, out, site: dict | None = None, echo=print, 
     oom = int(opts["oom_shard_count"])
     per_shard = int(opts["number_sample_per_shard"])
     stats = read_stats(out, oom)
-    from neuclip.atomic import write_atomic, write_json
 
     sizes = {s.name: s.successes for s in stats if (out / s.name).exists()}
     write_json(out / "sizes.json", sizes)

@@ -17,6 +17,8 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from neuclip.data.index import shard_index
+from neuclip.data.shards import ShardError
 from neuclip.yamlio import yaml_load
 
 INFO = "dataset.yaml"  # the registry fields of a shard folder: shards, num_samples, data_size
@@ -87,8 +89,6 @@ def declared_data_size(shards: Iterable[str | Path]) -> tuple[int, list[Path]] |
 def indexed_data_size(shards: Iterable[str | Path]) -> int:
     """Max sample id + 1 over the shards' index (built and cached if need be; unreadable shards are left to
     the trainer's bad-data rules). 0 when no sample has an id."""
-    from neuclip.data.index import shard_index
-    from neuclip.data.shards import ShardError
 
     top, count, where = -1, 0, None
     for shard in shards:
@@ -129,8 +129,6 @@ def data_size_of(shards: list[str]) -> tuple[int, str]:
 def id_beyond(shards: list[str], data_size: int) -> str | None:
     """The error for the first sample (shard order, then tar order) whose id is >= data_size, naming its shard,
     key and id, and the file data_size came from when it is a dataset.yaml; None when every id fits."""
-    from neuclip.data.index import shard_index
-    from neuclip.data.shards import ShardError
 
     for shard in shards:
         try:

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from neuclip.estimators.ops import world
+
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 CPU_CHUNK, GPU_CHUNK = 2048, 8192  # default columns per step (see exact_log_normalizers)
 PAIR_ELEMENTS = 1 << 22  # StreamingExact: (anchor, batch-mate) pairs gathered at a time x d
@@ -204,7 +206,6 @@ class StreamingExact:
     def result(self):
         """(alpha1*, alpha2*) in `accumulate`, and with `batch_of` also the mini-batch (est1, est2) in float32 (NaN
         for anchors outside a full batch). A collective under torch.distributed: every rank gets the same."""
-        from neuclip.estimators.ops import world
 
         rank_sums, rank_mb = self.sums, self.mb if self.batch_of is not None else None
         _, size = world()

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+import neuclip.grid.workflow as wf
 from neuclip.yamlio import yaml_load
 
 CONFIDENCE = 0.95
@@ -123,7 +124,6 @@ def extrapolate(frame: pd.DataFrame, fits: pd.DataFrame, markers: list[dict]) ->
 def paper_markers(config_path: str | os.PathLike) -> list[dict]:
     """[{dataset, label, num_samples, global_batch_size, n_over_b}] for each data set of an experiment config
     (the paper grid), in its order; n and B come from the train config the workflow builds for that data set."""
-    import neuclip.grid.workflow as wf
 
     path = Path(config_path)
     if not path.is_absolute() and not path.exists() and (wf.REPO / path).exists():

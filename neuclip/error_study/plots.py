@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from neuclip.atomic import write_atomic  # noqa: E402
+from neuclip.error_study.fit import final_points, fit_table
 from neuclip.estimators.registry import colours  # noqa: E402
 
 LABELS = {"mse_log": "MSE of log-normaliser estimate", "mean_rel_err": "mean relative error of normaliser"}
@@ -57,7 +58,6 @@ def plot_error_vs_ratio(frame: pd.DataFrame, stem: Path, metric: str = "mse_log"
     Hollow markers: points where not every anchor was visited (their coverage is printed along the bottom);
     dashed: the power law fitted where every anchor was visited (fit.py), drawn out to the last marker;
     dotted verticals: the paper data sets' n/B (`markers`, fit.paper_markers)."""
-    from neuclip.error_study.fit import final_points, fit_table
 
     frame = with_budget(frame)
     last = final_points(frame)

@@ -27,8 +27,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from neuclip.atomic import write_atomic, write_json
+from neuclip.data.check import BadImage, open_image
+from neuclip.data.index import shard_index
+from neuclip.data.shards import IMAGE_EXTS, MemberReader, ShardError, expand_pattern
 from neuclip.error_study.estimates import SCORED_KINDS, score, score_estimates
 from neuclip.error_study.exact import StreamingExact, exact_log_normalizers
+from neuclip.estimators import EstimatorContext
+from neuclip.estimators.registry import build_estimator
+from neuclip.export import create_model
+from neuclip.train import checkpoint as ckpt
+from neuclip.train.resume import estimator_state
+from neuclip.train.runtime import setup_distributed
+from neuclip.yamlio import yaml_load
 
 DISTRIBUTED = True  # every rank of a job runs the pass (neuclip/jobs/launch.py run_error)
 
@@ -50,9 +60,6 @@ class ShardImages(IterableDataset):
 
     def __iter__(self):
         # The shared reader and bad-sample rule (neuclip/data/check.py): the samples training used, by offset.
-        from neuclip.data.check import BadImage, open_image
-        from neuclip.data.index import shard_index
-        from neuclip.data.shards import IMAGE_EXTS, MemberReader, ShardError
 
         info = get_worker_info()
         mine = self.shards[info.id :: info.num_workers] if info else self.shards
@@ -166,8 +173,6 @@ def _usable(shards: list[str], skip_bad: bool):
     index: no decoding; images that turn out not to decode are found while embedding)."""
     import numpy as np
 
-    from neuclip.data.index import shard_index
-    from neuclip.data.shards import ShardError
 
     ids, where, entries = [], [], []
     for k, shard in enumerate(shards):
@@ -321,14 +326,6 @@ def score_run(run_dir, anchors: int = 2048, shards: int | None = None, batch: in
     rank 0 writes RUN/error/error.{json,csv}."""
     import torch.distributed as dist
 
-    from neuclip.data.shards import expand_pattern
-    from neuclip.estimators import EstimatorContext
-    from neuclip.estimators.registry import build_estimator
-    from neuclip.export import create_model
-    from neuclip.train import checkpoint as ckpt
-    from neuclip.train.resume import estimator_state
-    from neuclip.train.runtime import setup_distributed
-    from neuclip.yamlio import yaml_load
 
     want = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     joined = not (dist.is_available() and dist.is_initialized())  # leave a caller's process group alone

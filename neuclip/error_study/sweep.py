@@ -34,6 +34,9 @@ from pathlib import Path
 import pandas as pd
 
 from neuclip.atomic import write_atomic, write_json
+from neuclip.error_study import fit
+from neuclip.error_study.fit import final_points
+from neuclip.error_study.plots import plot_error_over_steps, plot_error_vs_ratio
 from neuclip.error_study.shadow import ShadowRun, run
 from neuclip.yamlio import load_block
 
@@ -200,8 +203,6 @@ def sort_frame(frame: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 
 def write_outputs(frame: pd.DataFrame, cfg: dict, out: Path) -> None:
     """Every table and plot from the rows (also usable on a saved errors.csv)."""
-    from neuclip.error_study import fit
-    from neuclip.error_study.plots import plot_error_over_steps, plot_error_vs_ratio
 
     markers = fit.paper_markers(cfg["markers"]) if cfg.get("markers") else []
     write_atomic(out / "errors.csv", frame.to_csv(index=False))
@@ -221,7 +222,6 @@ def write_outputs(frame: pd.DataFrame, cfg: dict, out: Path) -> None:
 def summary(frame: pd.DataFrame, fits: pd.DataFrame, extra: pd.DataFrame, markers: list[dict]) -> str:
     """Markdown tables: final-step error per budget (mean over seeds) with the anchors visited; the fits; the
     fitted laws at the paper data sets' n/B."""
-    from neuclip.error_study.fit import final_points
 
     last = final_points(frame)
     parts = ["# Shadow sweep: final-step log-space MSE (mean over seeds)\n"]

@@ -32,6 +32,7 @@ from neuclip.error_study.estimates import SCORED_KINDS
 from neuclip.error_study.run_error import measure_streaming
 from neuclip.train import checkpoint as ckpt
 from neuclip.train.runfiles import CURVE_FILE
+from neuclip.train.trainer import train as train_run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +128,5 @@ def make_tracker(cfg: dict, parts, shards: list[str], proc, bf16: bool) -> Error
 def train(cfg: dict) -> dict:
     """The trainer with this run's error tracking (what a train job runs): the trainer takes the tracker as a
     hook, so it never imports the error study; the error study imports the trainer."""
-    from neuclip.train.trainer import train as train_run
 
     return train_run(cfg, tracker_factory=make_tracker)

@@ -39,6 +39,7 @@ from neuclip.eval import metrics as evmetrics
 from neuclip.eval.precision import DEFAULT as DEFAULT_PRECISION
 from neuclip.eval.precision import autocast_plan
 from neuclip.eval.suites import GROUPS, Task, suite_tasks
+from neuclip.export import load_model
 
 RECALL_K = [1, 5, 10]  # DataComp's retrieval recall@k list
 DISPLAY_ONLY = ("name", "random_score")  # Task fields that do not change what is computed
@@ -285,7 +286,6 @@ def evaluate_suite(
         raise MissingDataError(evdata.format_missing(suite, data_root, missing, len(tasks)), missing)
 
     if todo:
-        from neuclip.export import load_model
 
         model, transform, tokenizer = load_model(model_dir, device=device_type)
         bar = tqdm(todo, desc=f"{suite}", unit="task", disable=not progress)

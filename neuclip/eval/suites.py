@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from neuclip.data.synth import CLASSIFICATION
+
 # How each kind of task is evaluated (see runner.py):
 #   classification  clip_benchmark zero-shot classification on a clip_benchmark `wds/` folder
 #   wilds           the same, plus WILDS / fairness group metrics from the per-sample `.npy` metadata
@@ -204,7 +206,6 @@ def _synth(name: str, kind: str, metric: str, classes: int | None = None) -> Tas
 
 def _synth_classes() -> dict[str, int]:
     """Class counts of the synthetic zero-shot sets, from the generator's own class lists."""
-    from neuclip.data.synth import CLASSIFICATION
 
     return {key.removeprefix("synth_"): len(classes) for key, (_, classes, _) in CLASSIFICATION.items()}
 

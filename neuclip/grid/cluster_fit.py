@@ -14,6 +14,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from neuclip.train.config import tasks_per_node
+
 
 @dataclass(frozen=True)
 class Node:
@@ -69,7 +71,6 @@ def misfit(la: dict, cluster: tuple[dict[str, list[Node]], str | None]) -> str |
 
 
 def _misfit_in(la: dict, name: str, nodes: list[Node]) -> str | None:
-    from neuclip.train.config import tasks_per_node
 
     cpus = tasks_per_node(la) * (la["cpus_per_task"] or 1)
     need = Node(cpus, int((la["mem_gb"] or 0) * 1024), la["gpus_per_node"] or 0)

@@ -19,6 +19,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import neuclip.grid.workflow as wf
+from neuclip.data.keys import declared_data_size
+from neuclip.data.shards import expand_pattern
+from neuclip.grid.cluster_fit import misfit
+from neuclip.train.config import DEFAULTS, ConfigError, _merge, apply_site, launcher_section, validate, world_size
+
 GIB = 1024**3
 
 
@@ -48,10 +54,8 @@ def _known_models() -> set[str]:
 
 def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
     """Raise ConfigError/OptionError (naming the key) if this cell's job would stop at start-up."""
-    import neuclip.grid.workflow as wf
     from neuclip.estimators.base import EstimatorContext
     from neuclip.estimators.registry import check_method, estimator_class
-    from neuclip.train.config import DEFAULTS, ConfigError, _merge, apply_site, validate, world_size
     from neuclip.train.setup import Geometry
 
     cfg = _merge(copy.deepcopy(DEFAULTS), wf.train_config(config, run))
@@ -63,8 +67,6 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
                           "(or dataset_overrides in the experiment config)")
     warnings = []
     if d["data_size"] is None:  # the trainer takes it from beside the shards: dataset.yaml, else their index
-        from neuclip.data.keys import declared_data_size
-        from neuclip.data.shards import expand_pattern
 
         try:
             declared = declared_data_size(expand_pattern(d["train_shards"]))
@@ -116,9 +118,7 @@ def preflight(config: dict, cluster=None) -> list[CellPlan]:
     """Check every cell; raise PreflightError listing all failing cells (each line: cell, key, fix). With
     `cluster` (neuclip.grid.cluster_fit.cluster_nodes(): the Snakefile passes the cluster it submits to), each
     stage's SLURM request is also checked against its nodes."""
-    import neuclip.grid.workflow as wf
     from neuclip.estimators.options import OptionError
-    from neuclip.train.config import ConfigError
 
     models = _known_models()
     failures, plans = [], []
@@ -139,9 +139,6 @@ def _cluster_misfits(config: dict, plans: list[CellPlan], cluster) -> list[str]:
     """Under the SLURM launcher, each stage's request against the cluster's nodes (neuclip/grid/cluster_fit.py)."""
     if config.get("launcher") != "slurm":
         return []
-    import neuclip.grid.workflow as wf
-    from neuclip.grid.cluster_fit import misfit
-    from neuclip.train.config import launcher_section
 
     sections = {}  # (what, stage) -> launcher section; one check per distinct stage and data set
     for plan in plans:

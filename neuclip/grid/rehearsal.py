@@ -21,6 +21,9 @@ from __future__ import annotations
 import copy
 import math
 
+import neuclip.grid.workflow as wf
+from neuclip.grid.workflow import deep_merge, stage_launcher
+
 DEFAULTS = {
     "synthetic": {"num_train": 384, "num_eval": 48, "seed": 0, "shard_size": 128, "image_size": 32},
     "steps": 6,
@@ -48,7 +51,6 @@ def tiny_model(name: str) -> str:
 
 
 def _merge(base: dict | None, update: dict | None) -> dict:
-    from neuclip.grid.workflow import deep_merge
 
     return deep_merge(base or {}, update or {})
 
@@ -94,7 +96,6 @@ def _shrink_error(err: dict | None, r: dict) -> dict:
 
 
 def _world(config: dict, dataset: str, r: dict) -> int:
-    from neuclip.grid.workflow import stage_launcher
 
     res = stage_launcher(config, "train", dataset)  # the shrunk config's: resources, per_dataset and stages
     if config.get("launcher", "inprocess") == "inprocess":
@@ -125,7 +126,6 @@ def rehearse(config: dict) -> dict:
     """The shrunk config when `config` asks for a rehearsal, else `config` unchanged."""
     if not config.get("rehearsal"):
         return config
-    import neuclip.grid.workflow as wf
 
     given = config["rehearsal"] if isinstance(config["rehearsal"], dict) else {}
     r = {**DEFAULTS, **given, "synthetic": {**DEFAULTS["synthetic"], **(given.get("synthetic") or {})}}

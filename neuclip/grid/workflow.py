@@ -17,6 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from neuclip.data.keys import contiguous_rows, key_space
+from neuclip.train.config import DEFAULTS, IDENTITY_KEYS, RESOURCE_KEYS, _merge, check_keys, get, run_settings
+from neuclip.train.config import SCHEMA as TRAIN_SCHEMA
 from neuclip.yamlio import yaml_load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,7 +127,6 @@ def data_marker(config: dict, dataset: str) -> Path:
 def synthetic_data_size(config: dict) -> int:
     """The data_size `neuclip data synth` writes to its dataset.yaml for the config's `synthetic:` sizes (max
     img2dataset key + 1, neuclip/data/keys.py): known before the data is generated, for the preflight."""
-    from neuclip.data.keys import contiguous_rows, key_space
 
     size = int(config["synthetic"]["shard_size"])  # required, as the data_synth rule passes it
     return key_space(contiguous_rows(int(config["synthetic"]["num_train"]), size), size)
@@ -268,7 +270,6 @@ def _flow(value) -> str:
 
 
 def _full(config: dict, run: Run) -> dict:
-    from neuclip.train.config import DEFAULTS, _merge
 
     return _merge(copy.deepcopy(DEFAULTS), train_config(config, run))
 
@@ -276,7 +277,6 @@ def _full(config: dict, run: Run) -> dict:
 def identity(config: dict, run: Run) -> dict:
     """The run's identity keys and values (neuclip.train.config.IDENTITY_KEYS, defaults filled): the train
     rules' params, so exactly these rerun a cell."""
-    from neuclip.train.config import IDENTITY_KEYS, get
 
     cfg = _full(config, run)
     return {key: get(cfg, key) for key in IDENTITY_KEYS}
@@ -286,7 +286,6 @@ def config_file(config: dict, run: Run) -> dict:
     """What the train_config rule writes: the cell's train config without its run settings. Those (the
     launcher's resources, loader workers, intervals) travel one channel only, `train_settings`, as overrides
     current at run time: a value written in the file could disagree with them."""
-    from neuclip.train.config import run_settings
 
     cfg = train_config(config, run)
     for section, values in run_settings(_full(config, run)).items():
@@ -303,7 +302,6 @@ def train_settings(config: dict, run: Run) -> Untracked:
     that (re)trains uses the current ones even when its config file was written before they changed."""
     import shlex
 
-    from neuclip.train.config import run_settings
 
     parts = [f"{section}={_flow(values)}" for section, values in run_settings(_full(config, run)).items()]
     return Untracked(" ".join(shlex.quote(p) for p in parts))
@@ -328,8 +326,6 @@ def schema() -> dict:
     """The experiment schema with its enums filled from the registries: methods from the estimator classes,
     data sets from datasets.yaml (workflows/schema.yaml leaves them empty, so no list is written twice)."""
     from neuclip.estimators.registry import METHOD_NAME, method_names
-    from neuclip.train.config import RESOURCE_KEYS
-    from neuclip.train.config import SCHEMA as TRAIN_SCHEMA
 
     doc = yaml_load(SCHEMA.read_text())
     doc["definitions"]["method"]["enum"] = method_names()
@@ -354,7 +350,6 @@ def validate_config(config: dict) -> None:
 
     from snakemake.utils import validate
 
-    from neuclip.train.config import RESOURCE_KEYS, check_keys
 
     doc = schema()
     unknown = sorted(set(config) - set(doc["properties"]))

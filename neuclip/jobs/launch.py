@@ -44,7 +44,8 @@ from pathlib import Path
 from neuclip.jobs import stages
 from neuclip.jobs.records import KINDS, final_checkpoint, job_name, live_job, record_attempt, write_job_record
 from neuclip.jobs.waiter import wait
-from neuclip.train.config import tasks_per_node
+from neuclip.train.config import LAUNCHER, ConfigError, identity_diff, launcher_section, tasks_per_node
+from neuclip.yamlio import yaml_load
 
 __all__ = ["KINDS", "Job", "TrainJob", "launch", "make_executor", "submit", "wait"]
 
@@ -92,7 +93,6 @@ class TrainJob(Job):
 def slurm_parameters(cfg: dict) -> dict:
     """SlurmExecutor parameters from the launcher section: each key marked `x-slurm` in the schema passes
     as is; the rest are shaped here (GPUs with their type, memory, time limit, tasks, the job name)."""
-    from neuclip.train.config import LAUNCHER
 
     la = cfg["launcher"]
     params = {name["x-slurm"]: la[key] for key, name in LAUNCHER.items() if "x-slurm" in name and la[key] is not None}
@@ -113,7 +113,6 @@ def make_executor(cfg: dict, kind: str = "train"):
     """The submitit executor for `launcher.executor`, with the config's resources."""
     import submitit
 
-    from neuclip.train.config import ConfigError
 
     la = cfg["launcher"]
     executor = la["executor"]
@@ -272,7 +271,6 @@ def superseded_path(cfg: dict, stamp: str) -> Path:
 def supersede_stale(cfg: dict) -> Path | None:
     """Move the run folder aside if it holds a run of another identity (its config.yaml differs on an identity
     key); returns where it went. Refused while that run's job is alive."""
-    from neuclip.train.config import ConfigError, identity_diff, yaml_load
 
     run_dir = Path(cfg["run_dir"])
     try:
@@ -359,7 +357,6 @@ def add_arguments(parser) -> None:
 
 def parse_launcher(text: str) -> dict:
     """A --launcher value (YAML mapping, or a YAML file) as a complete, validated launcher section."""
-    from neuclip.train.config import ConfigError, launcher_section, yaml_load
 
     path = Path(text)
     source = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
@@ -371,7 +368,6 @@ def parse_launcher(text: str) -> dict:
 
 def run_meta(run_dir: Path) -> dict:
     """The labels of a train run (its config.yaml's meta), for naming its stage jobs after its cell."""
-    from neuclip.yamlio import yaml_load
 
     try:
         return dict(yaml_load((Path(run_dir) / "config.yaml").read_text()).get("meta") or {})
@@ -381,7 +377,6 @@ def run_meta(run_dir: Path) -> dict:
 
 def launch_stage(kind: str, job_dir, args: dict, launcher: str, *, meta: dict, detach: bool = False) -> int:
     """Run a stage command's work (`args`) as a `kind` job in `job_dir` with the --launcher value given."""
-    from neuclip.train.config import ConfigError
 
     try:
         la = parse_launcher(launcher)

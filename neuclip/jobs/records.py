@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neuclip.atomic import write_json
+from neuclip.train import checkpoint as ckpt
+from neuclip.train.config import identity_diff
 
 
 # The kinds of job the launcher runs: how messages name each, what runs inside it, whether it is distributed.
@@ -229,8 +231,6 @@ def final_checkpoint(cfg: dict) -> dict | None:
     """
     import torch
 
-    from neuclip.train import checkpoint as ckpt
-    from neuclip.train.config import identity_diff
 
     found = ckpt.list_checkpoints(Path(cfg["run_dir"]) / "checkpoints")
     if not found:

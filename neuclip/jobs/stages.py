@@ -22,6 +22,11 @@ import os
 import sys
 from pathlib import Path
 
+from neuclip.atomic import write_json
+from neuclip.error_study import SWEEP_FILES
+from neuclip.error_study import run_error as pass_
+from neuclip.jobs.records import KINDS, job_record
+
 # Arguments that do not change a stage's result (run settings, like the train config's x-setting keys).
 SETTING_ARGS = {"eval": {"batch_size", "workers"}, "error-run": {"batch_size"}, "error-sweep": {"jobs"}}
 # The file eval and error-run jobs end by writing (and its JSON indent), which is also what the job returns.
@@ -52,7 +57,6 @@ def run_eval(cfg: dict) -> dict:
 def run_error(cfg: dict) -> dict | None:
     """The error pass on every rank when neuclip/error_study/run_error.py declares DISTRIBUTED = True (each rank
     streams its share, the partials are all-reduced); otherwise rank 0 alone, the others return at once."""
-    from neuclip.error_study import run_error as pass_
 
     a = cfg["args"]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(pass_, "DISTRIBUTED", False):
@@ -130,11 +134,9 @@ def _result(folder: str | Path, job_id: str):
 
 def _write_output(kind: str, cfg: dict, value) -> Path | None:
     """Write the kind's output from a successful job's result; returns the path written, None if not needed."""
-    from neuclip.atomic import write_json
 
     out = Path(cfg["run_dir"])
     if kind == "error-sweep":
-        from neuclip.error_study import SWEEP_FILES
 
         if all((out / f).exists() for f in SWEEP_FILES):
             return None
@@ -162,7 +164,6 @@ def _write_output(kind: str, cfg: dict, value) -> Path | None:
 def restore_output(kind: str, cfg: dict, job) -> int:
     """After a successful job: rewrite its output from its result if it is missing or not the job's (see the
     module doc)."""
-    from neuclip.jobs.records import KINDS
 
     outcome, value = _result(job.paths.folder, job.job_id)
     try:
@@ -179,7 +180,6 @@ def restore_output(kind: str, cfg: dict, job) -> int:
 def reuse_finished(kind: str, cfg: dict) -> int | None:
     """0 if the job folder's last job finished this very work successfully (its outputs restored if a rerun
     removed them), else None: then a job is needed."""
-    from neuclip.jobs.records import KINDS, job_record
 
     key, record = work_key(kind, cfg), job_record(Path(cfg["run_dir"]))
     if key is None or not record or record.get("kind") != kind or record.get("work") != key:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from neuclip.eval.suites import GROUPS, TASKS
 from neuclip.report.expect import Expected, Missing, seeds_for
 from neuclip.report.loading import (
     METHOD_LABELS,
@@ -71,7 +72,6 @@ CHANCE_ROW = "chance"
 def chance_level(metric: Metric) -> float | None:
     """The metric's value at chance (fraction): the task's random score, or the plain mean of its group's tasks'
     (DataComp's averaging); None when a task of it has none (retrieval recall depends on the set's size)."""
-    from neuclip.eval.suites import GROUPS, TASKS
 
     ids = GROUPS.get(metric.key, ()) if metric.kind == "group" else (metric.key,)
     scores = [TASKS[i].random_score for i in ids if i in TASKS]
@@ -81,7 +81,6 @@ def chance_level(metric: Metric) -> float | None:
 
 
 def chance_note(metric: Metric) -> str:
-    from neuclip.eval.suites import GROUPS, TASKS
 
     ids = GROUPS.get(metric.key, ()) if metric.kind == "group" else (metric.key,)
     known = [f"{TASKS[i].name} {100 * TASKS[i].random_score:.3g}" for i in ids if TASKS[i].random_score is not None]

@@ -42,7 +42,8 @@ import pandas as pd
 from neuclip.atomic import write_atomic
 from neuclip.estimators.registry import estimator_class, method_names
 from neuclip.estimators.rho import rho_for
-from neuclip.study.driver_run import DriverRun
+from neuclip.study.driver_run import DriverRun, run
+from neuclip.study.plots import plot_accuracy
 from neuclip.yamlio import load_block
 
 KEYS = {"methods", "seeds", "batch_size", "ratio", "epochs", "steps", "fixed_tau", "options", "run", "jobs"}
@@ -123,7 +124,6 @@ def _run_key(run: dict) -> str:
 def _one(fields: dict) -> dict:
     import torch
 
-    from neuclip.study.driver_run import run
 
     torch.set_num_threads(1)
     return {"run_key": _run_key(fields), **run(DriverRun(**fields))}
@@ -280,6 +280,5 @@ def write_outputs(frame: pd.DataFrame, out: Path, cfg: dict) -> None:
             parts.append(f"## tau {mode}: i2t top-1\n\n" + markdown_table(part, "i2t_top1"))
         write_atomic(out / "fixed_tau.md", "# Fixed temperature\n\n" + "\n".join(parts))
     write_atomic(out / "claims.md", claims(table))
-    from neuclip.study.plots import plot_accuracy
 
     plot_accuracy(table, out)

@@ -22,6 +22,7 @@ import torch
 
 from neuclip.atomic import write_atomic
 from neuclip.error_study.exact import exact_log_normalizers
+from neuclip.error_study.plots import save
 from neuclip.nets import PrototypeNPN
 from neuclip.neuclip import unified_terms
 from neuclip.study.driver_run import DriverRun, train
@@ -91,7 +92,6 @@ def write(frame: pd.DataFrame, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from neuclip.error_study.plots import save
 
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "npn_capacity.csv", frame.to_csv(index=False))

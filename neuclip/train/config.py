@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from neuclip.data.keys import data_size_of
 from neuclip.yamlio import yaml_load  # noqa: F401 - the project's one YAML reader, used from here too
 
 SCHEMA_PATH = Path(__file__).with_name("schema.yaml")
@@ -285,7 +286,6 @@ def resolve(cfg: dict, base_dir: str | Path | None = None) -> dict:
             )
         d["train_num_samples"] = total
     if d["data_size"] is None:  # ids have gaps (img2dataset's keys, failed downloads): never the sample count
-        from neuclip.data.keys import data_size_of
 
         try:
             d["data_size"], _ = data_size_of(shards)

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import torch
 
+from neuclip.data.index import ensure_indexes, index_is_fresh, report_progress
+from neuclip.data.keys import id_beyond
 from neuclip.data.survey_cache import has_cached_survey
+from neuclip.estimators.base import EstimatorContext
+from neuclip.export import create_model
 from neuclip.train.config import ConfigError
 from neuclip.train.data import DataError, TrainData, TrainLoader, survey_settings
 from neuclip.train.optim import build_optimizer
@@ -74,9 +78,6 @@ def _embed_dim(model, model_name: str) -> int:
 
 def build_parts(cfg: dict, geo: Geometry, device: torch.device) -> Parts:
     """Model, estimator and optimiser, freshly initialised from the global seed (set by the caller)."""
-    from neuclip.estimators.base import EstimatorContext
-    from neuclip.estimators.registry import build_estimator  # looked up per call: tests substitute it
-    from neuclip.export import create_model
 
     model, train_tf, eval_tf, tokenizer = create_model(cfg["model"], device=device)
     for name in ("logit_scale", "logit_bias"):  # the estimator owns the temperature (and SigLIP's bias)
@@ -91,6 +92,8 @@ def build_parts(cfg: dict, geo: Geometry, device: torch.device) -> Parts:
         total_steps=geo.total_steps,
         steps_per_epoch=geo.steps_per_epoch,
     )
+    from neuclip.estimators.registry import build_estimator  # looked up per call: tests substitute it
+
     m = cfg["method"]
     estimator = build_estimator(m["name"], m["options"], ctx, common=m.get("common_options")).to(device)
     optimizer = build_optimizer(model, estimator, cfg["train"])
@@ -116,7 +119,6 @@ def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
         max_caption_bytes=d["max_caption_bytes"],
     )
     if data.max_id >= d["data_size"]:
-        from neuclip.data.keys import id_beyond
 
         raise DataError(
             id_beyond(shards, d["data_size"])
@@ -137,7 +139,6 @@ def _ensure_indexes(shards: list[str], missing: str, proc: Process) -> None:
     """Every rank checks every shard's index (the same verdict on all ranks), then all build the missing ones
     together, each starting at its own offset: the indexes' locks split the work between the ranks, and with
     the other cells starting on the same shards."""
-    from neuclip.data.index import ensure_indexes, index_is_fresh, report_progress
 
     stale = [s for s in shards if not index_is_fresh(s)]
     if not stale:

@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from neuclip.cli import main
+from neuclip.train import checkpoint as ckpt
+from neuclip.train import resume
 from neuclip.train.config import load_config, resolve
 
 
@@ -49,7 +52,6 @@ def write_config(path: str | Path, cfg: dict) -> Path:
 def read_checkpoint(folder: str | Path, step: int) -> dict:
     """A checkpoint with its per-sample state put back whole into "estimator" (from its shard files: id i of
     world W at slot i // W of shard i % W), for comparing runs of any layout."""
-    from neuclip.train import checkpoint as ckpt
 
     state = torch.load(ckpt.checkpoint_path(folder, step), weights_only=True)
     info = state.get("estimator_shards")
@@ -116,8 +118,6 @@ def train_dumping_ranks(config_path: str) -> None:
     `python -m neuclip.train.testing CONFIG`."""
     import os
 
-    from neuclip.cli import main
-    from neuclip.train import resume
 
     real_save = resume.save
 
