@@ -124,15 +124,20 @@ def _load(file: Path, path: Path, stamp: dict) -> ShardIndex | None:
     return ShardIndex(str(path), problems=problems, **arrays)
 
 
-def _save(index: ShardIndex, stamp: dict, targets: list[Path]) -> None:
-    meta = {"stamp": stamp, "problems": {str(i): p for i, p in index.problems.items()}}
-    arrays = {k: getattr(index, k) for k in ("keys", "ids", "image", "image_ext", "text")}
-    for target in targets:  # the first folder we may write to
+def write_first(files: list[Path], meta: dict, arrays: dict) -> None:
+    """`arrays` and `meta` (as JSON) in one .npz, written atomically to the first of `files` whose folder we may
+    write to (beside the shards, else the user cache); nothing when none is writable."""
+    for file in files:
         try:
-            write_with(target, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays), binary=True)
+            write_with(file, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays), binary=True)
             return
         except OSError:
             continue
+
+
+def _save(index: ShardIndex, stamp: dict, targets: list[Path]) -> None:
+    meta = {"stamp": stamp, "problems": {str(i): p for i, p in index.problems.items()}}
+    write_first(targets, meta, {k: getattr(index, k) for k in ("keys", "ids", "image", "image_ext", "text")})
 
 
 def save_index(index: ShardIndex) -> None:
@@ -175,15 +180,15 @@ def _lock_fd(folder: Path) -> int | None:
 
 
 @contextmanager
-def _building(path: Path, targets: list[Path], wait: bool) -> Iterator[bool]:
-    """Hold the build lock of `path`'s index (one byte of the first writable index folder's .lock file, at the
-    crc32 of the shard's name). Yields False when `wait` is off and another process holds it; True with no
-    writable folder (nothing to share)."""
-    fd = next((fd for fd in (_lock_fd(t.parent) for t in targets) if fd is not None), None)
+def locked(files: list[Path], name: str, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock called `name`: one byte (at its crc32) of the .lock file in the first writable folder of
+    `files`. Yields False when `wait` is off and another process holds it; True with no writable folder
+    (nothing to share)."""
+    fd = next((fd for fd in (_lock_fd(f.parent) for f in files) if fd is not None), None)
     if fd is None:
         yield True
         return
-    byte = zlib.crc32(path.name.encode())
+    byte = zlib.crc32(name.encode())
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, byte)
     except BlockingIOError:
@@ -209,7 +214,7 @@ def _load_or_build(path: Path, wait: bool = True) -> ShardIndex | None:
     for file in targets:
         if (found := _load(file, path, stamp)) is not None:
             return found
-    with _building(path, targets, wait) as held:
+    with locked(targets, path.name, wait) as held:  # the shard's build lock
         if not held:
             return None
         for file in targets:

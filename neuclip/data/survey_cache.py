@@ -12,17 +12,14 @@ the index folder's .lock file), the others wait and read what it wrote.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from neuclip.atomic import write_with
 from neuclip.data.check import Problem, Survey, survey
-from neuclip.data.index import INDEX_VERSION, _lock_fd, index_paths
+from neuclip.data.index import INDEX_VERSION, index_paths, locked, write_first
 
 SURVEY_VERSION = 1
 
@@ -82,12 +79,7 @@ def _save(sv: Survey, files: list[Path]) -> None:
         "usable_shards": np.array(which, dtype=np.int64),
         "usable_lengths": np.array([len(sv.usable[s]) for s in which], dtype=np.int64),
     }
-    for file in files:  # the first folder we may write to
-        try:
-            write_with(file, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays), binary=True)
-            return
-        except OSError:
-            continue
+    write_first(files, meta, arrays)
 
 
 def has_cached_survey(shards: list[str], **settings) -> bool:
@@ -104,18 +96,10 @@ def cached_survey(shards: list[str], **settings) -> Survey:
     for file in files:
         if (found := _load(file, shards)) is not None:
             return found
-    fd = next((fd for fd in (_lock_fd(f.parent) for f in files) if fd is not None), None)
-    byte = zlib.crc32(f"survey-{key}".encode())
-    if fd is not None:
-        fcntl.lockf(fd, fcntl.LOCK_EX, 1, byte)
-    try:
+    with locked(files, f"survey-{key}"):
         for file in files:  # surveyed by another process while we waited
             if (found := _load(file, shards)) is not None:
                 return found
         sv = survey(shards, **settings)
         _save(sv, files)
         return sv
-    finally:
-        if fd is not None:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, byte)
-
