@@ -265,6 +265,7 @@ def ensure_indexes(shards: list[str], jobs: int = 1, start: int = 0,
     t0, out = time.perf_counter(), Ensured(len(shards))
     order = shards[start:] + shards[:start]
     busy = []
+    jobs = max(1, min(jobs, len(order), os.cpu_count() or 1))
     if jobs > 1:
         import multiprocessing
 
