@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 def user_error_line(err: BaseException) -> str | None:
     """One line for a failure that is the input's or the machine's, not the code's (None: a bug, which keeps its
     traceback). Set NEUCLIP_DEBUG=1 for the traceback of any failure."""
-
     if disk_full(err):
         where = getattr(err, "filename", None) or "the output folder"
         return f"no space left on device writing {where}; free space there and rerun (finished work is kept)"

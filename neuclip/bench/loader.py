@@ -38,7 +38,6 @@ def add_arguments(parser) -> None:
 
 
 def _shards(work: Path, name: str, num: int, image_size: int, shard_size: int) -> list[str]:
-
     out = work / f"{name}-{num}-{shard_size}"  # reused only for the same sizes
     if not (out / "manifest.json").exists():
         synthesize(out, num_train=num, num_eval=8, seed=0, shard_size=shard_size, image_size=image_size)
@@ -46,7 +45,6 @@ def _shards(work: Path, name: str, num: int, image_size: int, shard_size: int) -
 
 
 def _ours(shards, batch, transform, tokenizer, fast=True):
-
     loader = D.TrainLoader(
         D.TrainData(shards, seed=0, global_batch=batch, block=1 << 20, skip_bad=False),
         transform=transform,
@@ -95,7 +93,6 @@ def _throughput(make, batch) -> float:
 
 def _stages(shards, transform, tokenizer, fast) -> dict[str, float]:
     """ms per sample of each stage (best of 3 passes), on the first 256 samples of the first shard."""
-
     samples = [s for _, s in zip(range(256), iter_samples(Path(shards[0])))]
     images = [open_image(s["jpg"], "jpg") for s in samples]
     texts = [s["txt"].decode() for s in samples]
@@ -133,7 +130,6 @@ def _stages(shards, transform, tokenizer, fast) -> dict[str, float]:
 
 def _resume(shards, batch) -> list[tuple[str, float, float]]:
     """(position, seconds to build the data view from the cached index, seconds to the first batch)."""
-
     rows = []
     for label, epochs in (
         ("epoch 0, step 0", 0),
@@ -152,7 +148,6 @@ def _resume(shards, batch) -> list[tuple[str, float, float]]:
 
 def _scale() -> list[tuple[str, str]]:
     """The order's costs at DFN-1B size (1.4e9 samples in 140,000 shards of 10,000), without the data."""
-
     ids = np.random.default_rng(0).permutation(10_000_000).astype(np.int64)
     seen, t0 = _Seen(), time.perf_counter()
     for k in range(1000):
@@ -202,7 +197,6 @@ def _rates(args, shards, transform, tokenizer) -> dict[str, float]:
 
 def _resume_costs(work: Path, num: int) -> tuple[int, int, float, list]:
     """(samples, shards, seconds to index them cold, rows of `_resume`)."""
-
     shards = _shards(work, "jpeg32", num, 32, 4096)
     for s in shards:  # a cold index: built from the tars
         for f in Path(s).parent.glob(".neuclip-index/*.npz"):

@@ -63,13 +63,11 @@ def _batch(n: int, d: int, seed: int, device="cpu"):
 
 
 def _estimator(d: int, m: int, t_u: int, matmul: str = "fp32", seed: int = 0):
-
     opts = {"num_prototypes": m, "inner_steps": t_u, "npn_matmul": matmul, "seed": seed, "restart_sampling": "batch"}
     return build_estimator("neuclip", opts, EstimatorContext(embed_dim=d, data_size=10**6))
 
 
 def _targets(image, text, tau, eps=1e-14):
-
     mask = positive_mask(image.shape[0], image.shape[0], 0, image.device)
     return (log_eps_g(contrast_diffs(image, text, 0) / tau, mask, eps),
             log_eps_g(contrast_diffs(text, image, 0) / tau, mask, eps))
@@ -84,7 +82,6 @@ def _npn_block(est, image, text, tau):
 
 def _model_flops(name: str, batch: int) -> tuple[int, int]:
     """(forward, forward + backward) FLOPs of the open_clip model on `batch` image-text pairs."""
-
     model, _, _, tokenizer = create_model(name)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -104,7 +101,6 @@ def _model_flops(name: str, batch: int) -> tuple[int, int]:
 def _loss_flops(b: int, big_b: int, d: int, m: int) -> int:
     """The NeuCLIP estimator's encoder loss and its backward for one rank (b anchors, the global batch of B),
     the NPN applied to the local anchors once, without the NPN block (counted separately)."""
-
     est = _estimator(d, m, 1)
     est._npn_block = lambda *a, **k: None  # the block is counted on its own
     image, text = _batch(big_b, d, 1)

@@ -57,7 +57,6 @@ def add_arguments(parser) -> None:
 
 
 def _scan_shards(work: Path, shards: int, image_kb: int) -> list[Path]:
-
     out = work / f"scan-{shards}x{SHARD}-{image_kb}k"
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -80,7 +79,6 @@ def _scan_shards(work: Path, shards: int, image_kb: int) -> list[Path]:
 
 
 def _scan_rates(paths: list[Path]) -> dict[str, float]:
-
     scanners = {"TarScan (os.pread over the headers)": TarScan, "tarfile (the scan it replaced)": TarfileScan}
     best = dict.fromkeys(scanners, 0.0)
     for _ in range(3):  # alternate: drift on a shared machine hits both alike

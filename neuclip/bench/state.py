@@ -63,7 +63,6 @@ def _status(field: str) -> int:
 
 def _child(config: str) -> int:
     """One rank of a run: `neuclip train CONFIG`, then its peak memory to RUN/rss.rankR.json."""
-
     peak = [0]
     done = threading.Event()
 
@@ -83,7 +82,6 @@ def _child(config: str) -> int:
 
 def _shards(folder: Path, samples: int, data_size: int) -> str:
     """Synthetic samples re-keyed with ids drawn uniformly from [0, data_size), sorted, in shards of 64."""
-
     ids = sorted(random.Random(0).sample(range(data_size), samples))
     width = len(str(data_size - 1))
     folder.mkdir(parents=True)
@@ -99,7 +97,6 @@ def _shards(folder: Path, samples: int, data_size: int) -> str:
 
 
 def _config(work: Path, name: str, shards: str, data_size: int, method: str, placement: str, steps: int) -> Path:
-
     cfg = tiny_config(work / name, shards, **{
         "method.name": method, "method.options": {"state_placement": placement}, "data.data_size": data_size,
         "train.max_steps": steps, "train.checkpoint_every": max(1, steps // 2), "train.keep_last": 1,
@@ -145,7 +142,6 @@ def _files_equal(a: Path, b: Path) -> bool:
 
 
 def _one(work: Path, shards: str, data_size: int, method: str, world: int, placement: str, args) -> dict:
-
     cfg = _config(work, "ref", shards, data_size, method, placement, args.steps)
     t0 = time.perf_counter()
     _wait(_torchrun(cfg, world))

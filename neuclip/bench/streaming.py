@@ -83,7 +83,6 @@ def _vm(field: str) -> int:
 
 def _stream(n, dim, anchors, tau, batch, rank, holders):
     """This rank's part of the pass: chunks k with k % holders == rank (none if rank >= holders)."""
-
     anchor = _anchors(n, anchors)
     image, text = _anchor_rows(anchor, n, dim)
     stream = StreamingExact(image, text, anchor, n, tau, 1e-14, batch_of=_partition(n, batch, 3, "cpu"),

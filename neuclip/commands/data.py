@@ -110,14 +110,12 @@ def run_synth(args) -> int:
 
 
 def run_check(args) -> int:
-
     report = check_shards(args.pattern, skip_bad=args.skip_bad, need_ids=not args.no_ids, data_size=args.data_size)
     print(format_report(report))
     return 0 if report.ok else 1
 
 
 def run_index(args) -> int:
-
     shards = [str(p) for p in expand_pattern(args.pattern)]
     if not shards:
         print(f"neuclip data index: {args.pattern} matches no shards: check the path or pattern", file=sys.stderr)

@@ -56,7 +56,6 @@ def register(data_sub) -> None:
 
 def run_download(args) -> int:
 
-
     try:
         site = {}
         if args.config:
@@ -72,7 +71,6 @@ def run_download(args) -> int:
 
 
 def run_fetch_eval(args) -> int:
-
     try:
         return fetch_eval(args.suite, args.root, timeout=args.timeout)
     except (FetchError, KeyError) as err:

@@ -305,7 +305,6 @@ def check_shards(pattern: str, skip_bad: bool = False, need_ids: bool = True, da
         return report
     size, source = None, ""
     if need_ids:
-
         names = list(map(str, paths))
         try:  # the trainer's default id space: dataset.yaml beside the shards, else max id + 1 (sanity-checked)
             size = data_size if data_size is not None else data_size_of(names)[0]

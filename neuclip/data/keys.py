@@ -89,7 +89,6 @@ def declared_data_size(shards: Iterable[str | Path]) -> tuple[int, list[Path]] |
 def indexed_data_size(shards: Iterable[str | Path]) -> int:
     """Max sample id + 1 over the shards' index (built and cached if need be; unreadable shards are left to
     the trainer's bad-data rules). 0 when no sample has an id."""
-
     top, count, where = -1, 0, None
     for shard in shards:
         try:
@@ -129,7 +128,6 @@ def data_size_of(shards: list[str]) -> tuple[int, str]:
 def id_beyond(shards: list[str], data_size: int) -> str | None:
     """The error for the first sample (shard order, then tar order) whose id is >= data_size, naming its shard,
     key and id, and the file data_size came from when it is a dataset.yaml; None when every id fits."""
-
     for shard in shards:
         try:
             index = shard_index(shard)

@@ -206,7 +206,6 @@ class StreamingExact:
     def result(self):
         """(alpha1*, alpha2*) in `accumulate`, and with `batch_of` also the mini-batch (est1, est2) in float32 (NaN
         for anchors outside a full batch). A collective under torch.distributed: every rank gets the same."""
-
         rank_sums, rank_mb = self.sums, self.mb if self.batch_of is not None else None
         _, size = world()
         seen = torch.tensor([self.seen], device=self.sums.device)

@@ -124,7 +124,6 @@ def extrapolate(frame: pd.DataFrame, fits: pd.DataFrame, markers: list[dict]) ->
 def paper_markers(config_path: str | os.PathLike) -> list[dict]:
     """[{dataset, label, num_samples, global_batch_size, n_over_b}] for each data set of an experiment config
     (the paper grid), in its order; n and B come from the train config the workflow builds for that data set."""
-
     path = Path(config_path)
     if not path.is_absolute() and not path.exists() and (wf.REPO / path).exists():
         path = wf.REPO / path

@@ -58,7 +58,6 @@ def plot_error_vs_ratio(frame: pd.DataFrame, stem: Path, metric: str = "mse_log"
     Hollow markers: points where not every anchor was visited (their coverage is printed along the bottom);
     dashed: the power law fitted where every anchor was visited (fit.py), drawn out to the last marker;
     dotted verticals: the paper data sets' n/B (`markers`, fit.paper_markers)."""
-
     frame = with_budget(frame)
     last = final_points(frame)
     fits = fit_table(frame, metric) if fits is None else fits

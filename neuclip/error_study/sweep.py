@@ -203,7 +203,6 @@ def sort_frame(frame: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 
 def write_outputs(frame: pd.DataFrame, cfg: dict, out: Path) -> None:
     """Every table and plot from the rows (also usable on a saved errors.csv)."""
-
     markers = fit.paper_markers(cfg["markers"]) if cfg.get("markers") else []
     write_atomic(out / "errors.csv", frame.to_csv(index=False))
     write_json(out / "errors.json", {"config": cfg, "rows": frame.to_dict("records")})
@@ -222,7 +221,6 @@ def write_outputs(frame: pd.DataFrame, cfg: dict, out: Path) -> None:
 def summary(frame: pd.DataFrame, fits: pd.DataFrame, extra: pd.DataFrame, markers: list[dict]) -> str:
     """Markdown tables: final-step error per budget (mean over seeds) with the anchors visited; the fits; the
     fitted laws at the paper data sets' n/B."""
-
     last = final_points(frame)
     parts = ["# Shadow sweep: final-step log-space MSE (mean over seeds)\n"]
     for budget, part in last.groupby("budget", sort=False):

@@ -128,5 +128,4 @@ def make_tracker(cfg: dict, parts, shards: list[str], proc, bf16: bool) -> Error
 def train(cfg: dict) -> dict:
     """The trainer with this run's error tracking (what a train job runs): the trainer takes the tracker as a
     hook, so it never imports the error study; the error study imports the trainer."""
-
     return train_run(cfg, tracker_factory=make_tracker)

@@ -286,7 +286,6 @@ def evaluate_suite(
         raise MissingDataError(evdata.format_missing(suite, data_root, missing, len(tasks)), missing)
 
     if todo:
-
         model, transform, tokenizer = load_model(model_dir, device=device_type)
         bar = tqdm(todo, desc=f"{suite}", unit="task", disable=not progress)
         for t in bar:

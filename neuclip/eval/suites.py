@@ -206,7 +206,6 @@ def _synth(name: str, kind: str, metric: str, classes: int | None = None) -> Tas
 
 def _synth_classes() -> dict[str, int]:
     """Class counts of the synthetic zero-shot sets, from the generator's own class lists."""
-
     return {key.removeprefix("synth_"): len(classes) for key, (_, classes, _) in CLASSIFICATION.items()}
 
 

@@ -71,7 +71,6 @@ def misfit(la: dict, cluster: tuple[dict[str, list[Node]], str | None]) -> str |
 
 
 def _misfit_in(la: dict, name: str, nodes: list[Node]) -> str | None:
-
     cpus = tasks_per_node(la) * (la["cpus_per_task"] or 1)
     need = Node(cpus, int((la["mem_gb"] or 0) * 1024), la["gpus_per_node"] or 0)
     fits = [n for n in nodes if n.cpus >= need.cpus and n.mem_mb >= need.mem_mb and n.gpus >= need.gpus]

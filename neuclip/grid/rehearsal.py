@@ -51,7 +51,6 @@ def tiny_model(name: str) -> str:
 
 
 def _merge(base: dict | None, update: dict | None) -> dict:
-
     return deep_merge(base or {}, update or {})
 
 
@@ -96,7 +95,6 @@ def _shrink_error(err: dict | None, r: dict) -> dict:
 
 
 def _world(config: dict, dataset: str, r: dict) -> int:
-
     res = stage_launcher(config, "train", dataset)  # the shrunk config's: resources, per_dataset and stages
     if config.get("launcher", "inprocess") == "inprocess":
         return 1

@@ -127,7 +127,6 @@ def data_marker(config: dict, dataset: str) -> Path:
 def synthetic_data_size(config: dict) -> int:
     """The data_size `neuclip data synth` writes to its dataset.yaml for the config's `synthetic:` sizes (max
     img2dataset key + 1, neuclip/data/keys.py): known before the data is generated, for the preflight."""
-
     size = int(config["synthetic"]["shard_size"])  # required, as the data_synth rule passes it
     return key_space(contiguous_rows(int(config["synthetic"]["num_train"]), size), size)
 
@@ -270,14 +269,12 @@ def _flow(value) -> str:
 
 
 def _full(config: dict, run: Run) -> dict:
-
     return _merge(copy.deepcopy(DEFAULTS), train_config(config, run))
 
 
 def identity(config: dict, run: Run) -> dict:
     """The run's identity keys and values (neuclip.train.config.IDENTITY_KEYS, defaults filled): the train
     rules' params, so exactly these rerun a cell."""
-
     cfg = _full(config, run)
     return {key: get(cfg, key) for key in IDENTITY_KEYS}
 

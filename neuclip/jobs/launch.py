@@ -93,7 +93,6 @@ class TrainJob(Job):
 def slurm_parameters(cfg: dict) -> dict:
     """SlurmExecutor parameters from the launcher section: each key marked `x-slurm` in the schema passes
     as is; the rest are shaped here (GPUs with their type, memory, time limit, tasks, the job name)."""
-
     la = cfg["launcher"]
     params = {name["x-slurm"]: la[key] for key, name in LAUNCHER.items() if "x-slurm" in name and la[key] is not None}
     params.update(job_name=job_name(cfg), ntasks_per_node=tasks_per_node(la),
@@ -271,7 +270,6 @@ def superseded_path(cfg: dict, stamp: str) -> Path:
 def supersede_stale(cfg: dict) -> Path | None:
     """Move the run folder aside if it holds a run of another identity (its config.yaml differs on an identity
     key); returns where it went. Refused while that run's job is alive."""
-
     run_dir = Path(cfg["run_dir"])
     try:
         old = yaml_load((run_dir / "config.yaml").read_text())
@@ -357,7 +355,6 @@ def add_arguments(parser) -> None:
 
 def parse_launcher(text: str) -> dict:
     """A --launcher value (YAML mapping, or a YAML file) as a complete, validated launcher section."""
-
     path = Path(text)
     source = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
     given = yaml_load(source)
@@ -368,7 +365,6 @@ def parse_launcher(text: str) -> dict:
 
 def run_meta(run_dir: Path) -> dict:
     """The labels of a train run (its config.yaml's meta), for naming its stage jobs after its cell."""
-
     try:
         return dict(yaml_load((Path(run_dir) / "config.yaml").read_text()).get("meta") or {})
     except (OSError, ValueError, AttributeError):
@@ -377,7 +373,6 @@ def run_meta(run_dir: Path) -> dict:
 
 def launch_stage(kind: str, job_dir, args: dict, launcher: str, *, meta: dict, detach: bool = False) -> int:
     """Run a stage command's work (`args`) as a `kind` job in `job_dir` with the --launcher value given."""
-
     try:
         la = parse_launcher(launcher)
     except (ConfigError, OSError) as err:

@@ -57,7 +57,6 @@ def run_eval(cfg: dict) -> dict:
 def run_error(cfg: dict) -> dict | None:
     """The error pass on every rank when neuclip/error_study/run_error.py declares DISTRIBUTED = True (each rank
     streams its share, the partials are all-reduced); otherwise rank 0 alone, the others return at once."""
-
     a = cfg["args"]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not getattr(pass_, "DISTRIBUTED", False):
         if int(os.environ.get("RANK", "0")) > 0:
@@ -134,10 +133,8 @@ def _result(folder: str | Path, job_id: str):
 
 def _write_output(kind: str, cfg: dict, value) -> Path | None:
     """Write the kind's output from a successful job's result; returns the path written, None if not needed."""
-
     out = Path(cfg["run_dir"])
     if kind == "error-sweep":
-
         if all((out / f).exists() for f in SWEEP_FILES):
             return None
         import pandas as pd
@@ -164,7 +161,6 @@ def _write_output(kind: str, cfg: dict, value) -> Path | None:
 def restore_output(kind: str, cfg: dict, job) -> int:
     """After a successful job: rewrite its output from its result if it is missing or not the job's (see the
     module doc)."""
-
     outcome, value = _result(job.paths.folder, job.job_id)
     try:
         written = _write_output(kind, cfg, value) if outcome == "success" else None
@@ -180,7 +176,6 @@ def restore_output(kind: str, cfg: dict, job) -> int:
 def reuse_finished(kind: str, cfg: dict) -> int | None:
     """0 if the job folder's last job finished this very work successfully (its outputs restored if a rerun
     removed them), else None: then a job is needed."""
-
     key, record = work_key(kind, cfg), job_record(Path(cfg["run_dir"]))
     if key is None or not record or record.get("kind") != kind or record.get("work") != key:
         return None

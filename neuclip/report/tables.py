@@ -72,7 +72,6 @@ CHANCE_ROW = "chance"
 def chance_level(metric: Metric) -> float | None:
     """The metric's value at chance (fraction): the task's random score, or the plain mean of its group's tasks'
     (DataComp's averaging); None when a task of it has none (retrieval recall depends on the set's size)."""
-
     ids = GROUPS.get(metric.key, ()) if metric.kind == "group" else (metric.key,)
     scores = [TASKS[i].random_score for i in ids if i in TASKS]
     if not scores or any(s is None for s in scores):
@@ -81,7 +80,6 @@ def chance_level(metric: Metric) -> float | None:
 
 
 def chance_note(metric: Metric) -> str:
-
     ids = GROUPS.get(metric.key, ()) if metric.kind == "group" else (metric.key,)
     known = [f"{TASKS[i].name} {100 * TASKS[i].random_score:.3g}" for i in ids if TASKS[i].random_score is not None]
     unknown = [TASKS[i].name for i in ids if TASKS[i].random_score is None]

@@ -78,7 +78,6 @@ def _embed_dim(model, model_name: str) -> int:
 
 def build_parts(cfg: dict, geo: Geometry, device: torch.device) -> Parts:
     """Model, estimator and optimiser, freshly initialised from the global seed (set by the caller)."""
-
     model, train_tf, eval_tf, tokenizer = create_model(cfg["model"], device=device)
     for name in ("logit_scale", "logit_bias"):  # the estimator owns the temperature (and SigLIP's bias)
         p = getattr(model, name, None)
@@ -119,7 +118,6 @@ def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
         max_caption_bytes=d["max_caption_bytes"],
     )
     if data.max_id >= d["data_size"]:
-
         raise DataError(
             id_beyond(shards, d["data_size"])
             or f"the shards hold sample id {data.max_id} >= data.data_size ({d['data_size']}): set data.data_size "
@@ -139,7 +137,6 @@ def _ensure_indexes(shards: list[str], missing: str, proc: Process) -> None:
     """Every rank checks every shard's index (the same verdict on all ranks), then all build the missing ones
     together, each starting at its own offset: the indexes' locks split the work between the ranks, and with
     the other cells starting on the same shards."""
-
     stale = [s for s in shards if not index_is_fresh(s)]
     if not stale:
         return

@@ -52,7 +52,6 @@ def write_config(path: str | Path, cfg: dict) -> Path:
 def read_checkpoint(folder: str | Path, step: int) -> dict:
     """A checkpoint with its per-sample state put back whole into "estimator" (from its shard files: id i of
     world W at slot i // W of shard i % W), for comparing runs of any layout."""
-
     state = torch.load(ckpt.checkpoint_path(folder, step), weights_only=True)
     info = state.get("estimator_shards")
     if info:
