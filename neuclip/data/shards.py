@@ -125,7 +125,7 @@ class TarScan:
     It accepts what tarfile accepts and refuses what it refuses (the header checksum, signed or unsigned, and
     every numeric field; ustar prefixes, GNU long names, pax path/size records, global ones included), but
     builds no TarInfo objects and decodes only the fields an index needs (the name, type and size): a whole
-    index builds at 2.4x tarfile's samples/s per core here (`neuclip bench startup`, docs/benchmarks.md).
+    index builds at 2.3x tarfile's samples/s per core here (`neuclip bench startup`, docs/benchmarks.md).
     tests/test_tar_scan.py holds it to neuclip/data/tar_reference.py, the tarfile scan it replaced, on every
     damaged-shard case. Also required: the end-of-archive marker (two zero blocks) that every tar writer
     emits, because tarfile alone stops silently at a corrupt or half-written header.
