@@ -22,3 +22,14 @@ def test_plan_shows_each_cell_s_start_up_from_the_measured_file(capsys):
     assert "start-up min, first / later" in out and fit["measured_by"] in out
     dfn1b = next(line for line in out.splitlines() if line.startswith("| dfn1b/neuclip/"))
     assert startup_minutes(1_000_000_000, fit) in dfn1b  # DFN-1B's num_samples in workflows/datasets.yaml
+
+
+def test_plan_shows_each_cell_s_rho_beside_the_rule(capsys):
+    assert main(["plan", "workflows/configs/paper.yaml"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    column = [c.strip() for c in lines[0].split("|")].index("rho (rule)")
+    rho = {cells[1]: cells[column] for cells in ([c.strip() for c in line.split("|")] for line in lines[2:])
+           if len(cells) > column}
+    assert rho["cc3m/neuclip/default/seed0"] == "6.5 (6.50)"  # CC3M's recipe is where the rule is anchored
+    assert rho["cc3m/isogclr/default/seed0"] == "7 (6.50)"  # its own script's rho, beside the rule's
+    assert rho["cc3m/openclip/default/seed0"] == "—"  # no temperature penalty

@@ -3,10 +3,11 @@
 Every cell goes through the preflight that `snakemake -n` runs (neuclip/grid/preflight.py), then one row per cell:
 world size, global batch, steps, samples seen, model parameters, per-rank memory of the model + AdamW state
 (16 bytes per parameter: weights, gradients, two moments) and of the per-sample estimator state, the checkpoint
-size, GPU-hours at the ASSUMED samples/s per GPU of workflows/throughput.yaml (not measured here), and the
-minutes from process start to the first batch measured by `neuclip bench startup` (workflows/startup.yaml). Several
-files merge like Snakemake's --configfile (e.g. paper.yaml rehearsal.yaml). `--launcher slurm` plans as
-`--profile slurm` runs (the profile sets it); the default is the config's own.
+size, GPU-hours at the ASSUMED samples/s per GPU of workflows/throughput.yaml (not measured here), the method's
+rho beside what the rule log(n / 4B) gives, and the minutes from process start to the first batch measured by
+`neuclip bench startup` (workflows/startup.yaml). Several files merge like Snakemake's --configfile (e.g.
+paper.yaml rehearsal.yaml). `--launcher slurm` plans as `--profile slurm` runs (the profile sets it); the
+default is the config's own.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ def startup_minutes(num_samples: int | None, startup: dict | None) -> str | None
     return f"{first / 60:.1f} / {later / 60:.1f}"
 
 
+def rho_cell(options: dict, num_samples: int | None, batch: int) -> str:
+    """The cell's rho, and in brackets what the rule log(n / 4B) gives for its n and B (neuclip/estimators/rho.py):
+    a published recipe's rho may differ from the rule; a mistyped one shows."""
+    from neuclip.estimators.rho import rho_for  # the estimators package loads torch: not at the CLI's start
+
+    if "rho" not in options:
+        return "—"  # the method has no temperature penalty
+    rule = f" ({rho_for(num_samples, batch):.2f})" if num_samples else ""
+    return f"{options['rho']:g}{rule}"
+
+
 def rows(plans, throughput: dict, startup: dict | None = None) -> list[dict]:
     out, cache = [], {}
     gib = 1024**3
@@ -75,6 +87,7 @@ def rows(plans, throughput: dict, startup: dict | None = None) -> list[dict]:
             "per-sample state GiB/rank": round(plan.state_gib_per_rank, 2),
             "checkpoint GiB": round((model_gib * 12 / 16) + plan.state_gib_total, 2),  # weights + 2 moments + state
             "GPU-hours (assumed rate)": round(samples / rate / 3600, 1) if rate else None,
+            "rho (rule)": rho_cell(plan.options, cfg["data"]["train_num_samples"], batch),
             "start-up min, first / later": startup_minutes(cfg["data"]["train_num_samples"], startup),
         })
     return out

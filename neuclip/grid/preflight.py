@@ -41,6 +41,7 @@ class CellPlan:
     state_gib_total: float  # summed over ranks once (what the checkpoint's files hold)
     warnings: list[str]
     cfg: dict  # the cell's train config as the job will see it (site merged)
+    options: dict  # the method's resolved options (its own over common_options over its defaults)
 
 
 def _known_models() -> set[str]:
@@ -111,7 +112,7 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
     if world > 1 and not sharded and state > GIB:
         warnings = [*warnings, f"per-sample state is replicated: {state / GIB:.1f} GiB on every rank; "
                     f"state_placement: sharded would keep {state / world / GIB:.1f} GiB per rank"]
-    return CellPlan(run.key, world, geo.total_steps, state / GIB, whole / GIB, warnings, cfg)
+    return CellPlan(run.key, world, geo.total_steps, state / GIB, whole / GIB, warnings, cfg, options)
 
 
 def preflight(config: dict, cluster=None) -> list[CellPlan]:
