@@ -295,6 +295,11 @@ def test_two_nodes_equal_one_process_and_a_requeue_resumes_on_both_bit_identical
         torch.testing.assert_close(s2["estimator"][k], s1["estimator"][k], rtol=1e-5, atol=1e-5)
 
     # the requeue: SLURM's own (SIGTERM, checkpoint, Preempted), then a second allocation on both nodes again
+    # the waiter's verdict comes from the job itself; SLURM's accounting records the allocation's end a moment
+    # later (once a CI run read RUNNING here): wait for that state, not for a duration
+    not_ended = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED")
+    _until("accounting never recorded the second allocation's end",
+           lambda: len(a := _sacct_allocations(job_id)) == 2 and a[-1][1] not in not_ended, timeout=120)
     allocations = _sacct_allocations(job_id)
     assert [state for _, state in allocations] == ["REQUEUED", "COMPLETED"], allocations
     assert all(nodes == "node[1-2]" for nodes, _ in allocations), allocations
