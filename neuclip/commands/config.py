@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 
-from neuclip.grid import workflow as wf
 from neuclip.yamlio import yaml_load
 
 
@@ -30,6 +29,7 @@ def run(args) -> int:
 
     import yaml
 
+    from neuclip.grid import workflow as wf
 
     try:
         config = yaml_load(Path(args.experiment).read_text())

@@ -6,14 +6,7 @@ import argparse
 import os
 import sys
 
-from neuclip.commands import (
-    data_fetch,  # download (img2dataset), fetch-eval (clip_benchmark sets)
-    positive_int,
-)
-from neuclip.data.check import check_shards, format_report
-from neuclip.data.index import ensure_indexes, report_progress
-from neuclip.data.shards import expand_pattern
-from neuclip.data.synth import synthesize
+from neuclip.commands import positive_int
 
 
 def register(sub) -> None:
@@ -84,6 +77,7 @@ def register(sub) -> None:
                        help="processes (default: this machine's cores)")
     index.set_defaults(func=run_index)
 
+    from neuclip.commands import data_fetch  # download (img2dataset), fetch-eval (clip_benchmark sets)
 
     data_fetch.register(data_sub)
 
@@ -91,6 +85,7 @@ def register(sub) -> None:
 def run_synth(args) -> int:
     import time
 
+    from neuclip.data.synth import synthesize
 
     start = time.perf_counter()
     manifest = synthesize(
@@ -110,12 +105,17 @@ def run_synth(args) -> int:
 
 
 def run_check(args) -> int:
+    from neuclip.data.check import check_shards, format_report
+
     report = check_shards(args.pattern, skip_bad=args.skip_bad, need_ids=not args.no_ids, data_size=args.data_size)
     print(format_report(report))
     return 0 if report.ok else 1
 
 
 def run_index(args) -> int:
+    from neuclip.data.index import ensure_indexes, report_progress
+    from neuclip.data.shards import expand_pattern
+
     shards = [str(p) for p in expand_pattern(args.pattern)]
     if not shards:
         print(f"neuclip data index: {args.pattern} matches no shards: check the path or pattern", file=sys.stderr)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neuclip.data.download import DownloadError, download, parse_sets
-from neuclip.eval.fetch import FetchError, fetch_eval
 from neuclip.yamlio import yaml_load
 
 
@@ -55,6 +53,7 @@ def register(data_sub) -> None:
 
 
 def run_download(args) -> int:
+    from neuclip.data.download import DownloadError, download, parse_sets
 
     try:
         site = {}
@@ -71,6 +70,8 @@ def run_download(args) -> int:
 
 
 def run_fetch_eval(args) -> int:
+    from neuclip.eval.fetch import FetchError, fetch_eval
+
     try:
         return fetch_eval(args.suite, args.root, timeout=args.timeout)
     except (FetchError, KeyError) as err:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import sys
 
-import neuclip.grid.workflow as wf
 from neuclip.grid.experiment import load_experiment
-from neuclip.grid.preflight import PreflightError, preflight, print_warnings
 from neuclip.yamlio import yaml_load
 
 
@@ -98,6 +96,8 @@ def run(args) -> int:
 
     import pandas as pd
 
+    import neuclip.grid.workflow as wf
+    from neuclip.grid.preflight import PreflightError, preflight, print_warnings
 
     values = {}
     if args.launcher:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sys
 
-from neuclip.train.config import ConfigError, dump, load_config, resolve
-
 
 def register(sub) -> None:
     parser = sub.add_parser(
@@ -32,6 +30,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from neuclip.train.config import ConfigError, dump, load_config, resolve
     from neuclip.train.data import DataError
 
     config, overrides = args.config, list(args.overrides)
@@ -61,6 +60,7 @@ def _check_method(cfg: dict) -> None:
     """Fail before submitting anything (and before a run folder exists) if the method or an option is bad."""
     from neuclip.estimators.base import EstimatorContext
     from neuclip.estimators.registry import check_method
+    from neuclip.train.config import ConfigError
 
     m = cfg["method"]
     d = cfg["data"]
