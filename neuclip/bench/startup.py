@@ -31,11 +31,11 @@ from neuclip.atomic import write_atomic
 from neuclip.bench.common import command_line, machine_line, publish
 from neuclip.data import check
 from neuclip.data.index import ShardIndex, build_index, index_is_fresh, save_index, shard_index
-from neuclip.data.keys import data_size_of, img2dataset_key, key_space
+from neuclip.data.keys import data_size_of, data_size_source, img2dataset_key, key_space
 from neuclip.data.shards import TarScan, expand_pattern, write_tar
-from neuclip.data.survey_cache import cached_survey, has_cached_survey
+from neuclip.data.survey_cache import cached_survey
 from neuclip.data.tar_reference import TarfileScan
-from neuclip.train.data import EpochOrder, survey_settings
+from neuclip.train.data import EpochOrder
 
 SHARD = 10_000  # img2dataset's default samples per shard, and DFN's
 BATCH = 5120  # the paper's DFN global batch
@@ -138,36 +138,36 @@ def _measure(n: int, kind: str, work: Path) -> dict:
 
     shards = [str(p) for p in expand_pattern(f"{folder}/{{00000000..{shards_n - 1:08d}}}.tar")]
     data_size, _ = data_size_of(shards)
-    settings = survey_settings(shards, data_size, 1024)
+    settings = {"data_size": data_size, "data_size_from": data_size_source(shards, data_size), "caption_limit": 1024}
     lap("list the shards, read dataset.yaml")
-    stored = has_cached_survey(shards, **settings)
-    lap("survey key (stat every shard and sidecar), stored survey?")
-    assert stored == (kind == "later")
-    if not stored:
+    timers = {"read every index": 0.0, "duplicate-id check": 0.0}
+    real_index, real_check = check.shard_index, check._Seen.test_and_set
+
+    def timed(name, fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                timers[name] += time.perf_counter() - t0
+        return call
+
+    def before():  # what make_data runs when there is no stored survey
+        lap("survey key (stat every shard and sidecar), no stored survey")
         assert all(index_is_fresh(s) for s in shards)
         lap("every index fresh? (each index's meta)")
-        timers = {"read every index": 0.0, "duplicate-id check": 0.0}
-        real_index, real_check = check.shard_index, check._Seen.test_and_set
 
-        def timed(name, fn):
-            def call(*a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    timers[name] += time.perf_counter() - t0
-            return call
-
-        check.shard_index = timed("read every index", real_index)
-        check._Seen.test_and_set = timed("duplicate-id check", real_check)
-        sv = cached_survey(shards, **settings)
-        check.shard_index, check._Seen.test_and_set = real_index, real_check
+    check.shard_index = timed("read every index", real_index)
+    check._Seen.test_and_set = timed("duplicate-id check", real_check)
+    sv = cached_survey(shards, before, **settings)  # as TrainData calls it
+    check.shard_index, check._Seen.test_and_set = real_index, real_check
+    if kind == "first":
         lap("survey, stored for later starts")
         out["survey, stored for later starts"] -= sum(timers.values())
         out.update(timers)
     else:
-        sv = cached_survey(shards, **settings)
-        lap("stored survey read")
+        lap(STORED)
+    assert (STORED in out) == (kind == "later")
     assert int(sv.counts.sum()) == n and not sv.problems
     order = EpochOrder(sv.counts, seed=0, block=1 << 20)
     shard, nth = order.locate(0, 0, BATCH)
@@ -220,9 +220,10 @@ def main_measure(started: float) -> None:
 
 # -- the report --------------------------------------------------------------------------------------------
 
+STORED = "survey key (stat every shard and sidecar) and the stored survey read"
 _SECONDS = ["python start", "imports (torch, neuclip)", "list the shards, read dataset.yaml",
-            "survey key (stat every shard and sidecar), stored survey?", "every index fresh? (each index's meta)",
-            "read every index", "duplicate-id check", "survey, stored for later starts", "stored survey read",
+            "survey key (stat every shard and sidecar), no stored survey", "every index fresh? (each index's meta)",
+            "read every index", "duplicate-id check", "survey, stored for later starts", STORED,
             f"order: the first batch's {BATCH} positions", "first batch: the index of each shard it touches"]
 
 
@@ -280,7 +281,7 @@ def _markdown(args, rates, ns, runs) -> str:
         lines.append(f"| {'**total**' if key == 'total' else key} | " + " | ".join(cells) + " |")
     for name in TARGETS:
         first, later = columns[f"{name} first"], columns[f"{name} later"]
-        waiting = first["total"] + later.get("stored survey read", 0.0)  # the ranks that wait, then read it back
+        waiting = first["total"] + later.get(STORED, 0.0)  # the ranks that wait, then read it back
         lines += ["", f"{name} on {args.ranks} ranks, to the first batch: **{waiting / 60:.1f} min** at the first "
                   f"start on that data-set version from built indexes, **{later['total']:.0f} s** at a later one."]
     touched = runs[(ns[-1], "later")]["shards touched by the first batch"]
@@ -289,9 +290,10 @@ def _markdown(args, rates, ns, runs) -> str:
         f"Notes. \"first\": the first start on a data-set version (no stored survey): every rank checks every index's "
         "freshness, the first rank to take the survey's lock reads every index and checks every id, and stores the "
         f"survey; the other {args.ranks - 1} ranks of a {args.ranks}-rank job wait on that lock and then read it "
-        "back, so the job's first step waits for about the \"first\" total plus the \"stored survey read\". \"later\": "
-        "a resume, or another cell on the same data. The stand-in indexes were read from the page cache; on a "
-        "parallel file system the index reads of a first start take longer (they are about 50 bytes a sample). "
+        "back, so the job's first step waits for about the \"first\" total plus a later start's stored survey "
+        "read. \"later\": a resume, or another cell on the same data. The stand-in indexes were read from the "
+        "page cache; on a parallel file system the index reads of a first start take longer (they are about 50 "
+        "bytes a sample). "
         f"The first batch touched {touched} shards (block 2^20 samples of the shuffled shard order). Memory is "
         "the process's: the imports (torch) dominate it; what the start adds is the difference between the first "
         "two memory rows, mostly the duplicate check's bitmap (one bit per id: 175 MB at 1.4e9). Before the "

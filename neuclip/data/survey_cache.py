@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,20 +83,17 @@ def _save(sv: Survey, files: list[Path]) -> None:
     write_first(files, meta, arrays)
 
 
-def has_cached_survey(shards: list[str], **settings) -> bool:
-    """Whether a survey with these settings is stored for the shards as they are now."""
-    key = survey_key(shards, settings)
-    return any(_load(file, shards) is not None for file in _files(shards, key))
-
-
-def cached_survey(shards: list[str], **settings) -> Survey:
-    """`survey(shards, **settings)`, read back when this data-set version was surveyed before (see above)."""
+def cached_survey(shards: list[str], before: Callable[[], None] | None = None, **settings) -> Survey:
+    """`survey(shards, **settings)`, read back when this data-set version was surveyed before (see above).
+    `before()` runs only when it was not, ahead of the survey (the trainer builds missing indexes there)."""
     shards = [str(s) for s in shards]
     key = survey_key(shards, settings)
     files = _files(shards, key)
     for file in files:
         if (found := _load(file, shards)) is not None:
             return found
+    if before is not None:
+        before()
     with locked(files, f"survey-{key}"):
         for file in files:  # surveyed by another process while we waited
             if (found := _load(file, shards)) is not None:

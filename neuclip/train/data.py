@@ -130,11 +130,14 @@ class TrainData:
 
     def __init__(
         self, shards: list[str], *, seed: int, global_batch: int, block: int, skip_bad: bool, report: bool = True,
-        data_size: int | None = None, max_caption_bytes: int | None = None,
+        data_size: int | None = None, max_caption_bytes: int | None = None, before_survey=None,
     ):
         self.shards, self.seed, self.B, self.skip_bad = list(shards), seed, global_batch, skip_bad
         # an id at or above data_size is a bad sample, as `neuclip data check` says (skipped under skip_bad)
-        sv = cached_survey(self.shards, **survey_settings(self.shards, data_size, max_caption_bytes))
+        # `before_survey()` runs only when this data-set version has no stored survey (make_data: build indexes)
+        source = data_size_source(self.shards, data_size) if data_size is not None else ""
+        sv = cached_survey(self.shards, before_survey, data_size=data_size, data_size_from=source,
+                           caption_limit=max_caption_bytes)
         fatal = [p for p in sv.problems if p.fatal]
         if fatal or (sv.problems and not skip_bad):
             raise DataError(_listing(fatal or sv.problems, skippable=not fatal))
@@ -178,12 +181,6 @@ class TrainData:
         local = self.B // world
         start = k * self.B + rank * local
         return epoch, start, start + local
-
-
-def survey_settings(shards: list[str], data_size: int | None, max_caption_bytes: int | None) -> dict:
-    """The survey's settings for a training start (also what `make_data` asks `has_cached_survey` about)."""
-    source = data_size_source(shards, data_size) if data_size is not None else ""
-    return {"data_size": data_size, "data_size_from": source, "caption_limit": max_caption_bytes}
 
 
 def _listing(problems: list[Problem], skippable: bool) -> str:

@@ -16,11 +16,10 @@ import torch
 
 from neuclip.data.index import ensure_indexes, index_is_fresh, report_progress
 from neuclip.data.keys import id_beyond
-from neuclip.data.survey_cache import has_cached_survey
 from neuclip.estimators.base import EstimatorContext
 from neuclip.export import create_model
 from neuclip.train.config import ConfigError
-from neuclip.train.data import DataError, TrainData, TrainLoader, survey_settings
+from neuclip.train.data import DataError, TrainData, TrainLoader
 from neuclip.train.optim import build_optimizer
 from neuclip.train.runtime import Process
 
@@ -104,9 +103,6 @@ def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
     the stored survey and nothing else; otherwise the shards' indexes are read, and any missing or stale one is
     built first (said with a count and the time left), or refused with data.missing_index: refuse."""
     d = cfg["data"]
-    settings = survey_settings(shards, d["data_size"], d["max_caption_bytes"])
-    if not has_cached_survey(shards, **settings):
-        _ensure_indexes(shards, d["missing_index"], proc)
     data = TrainData(
         shards,
         seed=cfg["seed"],
@@ -116,6 +112,7 @@ def make_data(cfg: dict, shards: list[str], proc: Process) -> TrainData:
         report=proc.rank == 0,
         data_size=d["data_size"],
         max_caption_bytes=d["max_caption_bytes"],
+        before_survey=lambda: _ensure_indexes(shards, d["missing_index"], proc),  # no stored survey: first start
     )
     if data.max_id >= d["data_size"]:
         raise DataError(
