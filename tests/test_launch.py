@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from neuclip.grid.launcher import resolve_launcher
 from neuclip.train import checkpoint as ckpt
 from neuclip.train.config import ConfigError
 from neuclip.train.testing import last_logged_step, run_attempts, tensors_equal, tiny_config, write_config
@@ -225,7 +226,7 @@ def _slurm_cfg(tmp_path: Path, synth_data: Path, **launcher) -> dict:
     )
     extra = {"launcher.executor": "slurm", "launcher.site": str(site), "launcher.nodes": 2}
     extra.update({f"launcher.{k}": v for k, v in launcher.items()})
-    return tiny_config(tmp_path / "run dir", _shards(synth_data), **extra)
+    return resolve_launcher(tiny_config(tmp_path / "run dir", _shards(synth_data), **extra))
 
 
 def test_slurm_script_uses_site_defaults_and_quotes_values(synth_data, tmp_path):
@@ -261,7 +262,7 @@ def test_control_characters_never_reach_sbatch(override):
     from neuclip.train.config import load_config
 
     with pytest.raises(ConfigError, match="launcher"):
-        load_config(None, [override])
+        resolve_launcher(load_config(None, [override]))
 
 
 def test_rerun_reattaches_to_a_live_slurm_job(synth_data, tmp_path, monkeypatch):

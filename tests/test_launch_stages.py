@@ -1,7 +1,7 @@
 """Every stage through the one launcher (neuclip/jobs/launch.py): `neuclip eval`, `neuclip error run` and `neuclip error
 sweep --launcher YAML` run as submitit jobs in their output folder, with the same results as in-process; an
 evaluation job requeued mid-suite resumes past its finished tasks; a live job of any stage is re-attached to;
-the launcher section is the train config's (one table), old spellings refused."""
+the launcher section is neuclip/grid/launcher.yaml's (one table), old spellings refused."""
 
 from __future__ import annotations
 

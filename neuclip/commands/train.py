@@ -2,7 +2,8 @@
 
 Overrides are dotted keys with YAML values, e.g. `train.lr=1e-3 method.options={rho: 6.5}`. Relative paths
 (run_dir, data.train_shards, launcher.site) are taken from the current directory. `--print-config` shows the
-resolved config and exits. See neuclip/train/config.py for every key and its default.
+resolved config and exits. See neuclip/train/schema.yaml for every key and its default, and
+neuclip/grid/launcher.yaml for the launcher section's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from neuclip.grid.launcher import resolve_launcher
     from neuclip.train.config import ConfigError, dump, load_config, resolve
     from neuclip.train.data import DataError
 
@@ -37,7 +39,7 @@ def run(args) -> int:
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]
     try:
-        cfg = resolve(load_config(config, overrides))
+        cfg = resolve(resolve_launcher(load_config(config, overrides)))
         _check_method(cfg)
     except (ConfigError, DataError, FileNotFoundError, KeyError) as err:
         print(f"neuclip train: config error: {err}", file=sys.stderr)

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from neuclip.train.config import tasks_per_node
+from neuclip.grid.launcher import tasks_per_node
 
 
 @dataclass(frozen=True)

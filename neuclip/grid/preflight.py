@@ -23,7 +23,8 @@ import neuclip.grid.workflow as wf
 from neuclip.data.keys import declared_data_size
 from neuclip.data.shards import expand_pattern
 from neuclip.grid.cluster_fit import misfit
-from neuclip.train.config import DEFAULTS, ConfigError, _merge, apply_site, launcher_section, validate, world_size
+from neuclip.grid.launcher import launcher_section, world_size
+from neuclip.train.config import DEFAULTS, ConfigError, _merge, validate
 
 GIB = 1024**3
 
@@ -61,7 +62,7 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
 
     cfg = _merge(copy.deepcopy(DEFAULTS), wf.train_config(config, run))
     validate(cfg)
-    apply_site(cfg["launcher"], wf.REPO)
+    cfg["launcher"] = launcher_section(cfg["launcher"], wf.REPO)
     d = cfg["data"]
     if d["train_num_samples"] is None:
         raise ConfigError(f"data set {run.dataset!r} has no num_samples in workflows/datasets.yaml: set it "

@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from neuclip.data.keys import contiguous_rows, key_space
-from neuclip.train.config import DEFAULTS, IDENTITY_KEYS, RESOURCE_KEYS, _merge, check_keys, get, run_settings
-from neuclip.train.config import SCHEMA as TRAIN_SCHEMA
+from neuclip.grid.launcher import DEFINITIONS, LAUNCHER, RESOURCE_KEYS, check_keys
+from neuclip.train.config import DEFAULTS, IDENTITY_KEYS, _merge, get, run_settings
 from neuclip.yamlio import yaml_load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,8 +192,9 @@ def train_config(config: dict, run: Run) -> dict:
 
 # -- per-stage launchers ------------------------------------------------------------------------------------
 # Every stage that computes is a job of the one launcher (neuclip/jobs/launch.py). Its launcher section, lowest
-# first: slurm/site.yaml (merged by the launcher) < `resources` < `per_dataset.<set>.resources` < the stage's
-# shape below < `stages.<stage>`. Keys are the train config's launcher keys (neuclip/train/schema.yaml).
+# first: the key's default < slurm/site.yaml < `resources` < `per_dataset.<set>.resources` < the stage's
+# shape below < `stages.<stage>`. stage_launcher stacks the experiment's layers; the first two are
+# neuclip.grid.launcher.launcher_section's, applied once where the job is launched. Keys: neuclip/grid/launcher.yaml.
 STAGES = ("train", "eval", "error_run", "error_sweep")
 STAGE_SHAPE = {
     "train": {},
@@ -328,14 +329,13 @@ def schema() -> dict:
     doc["definitions"]["method"]["enum"] = method_names()
     doc["properties"]["cells"]["items"]["pattern"] = f"^[A-Za-z0-9_]+/{METHOD_NAME}$"
     doc["definitions"]["dataset"]["enum"] = list(_registry_file())
-    # resources: the train config's launcher keys (one table, neuclip/train/schema.yaml), but executor and site
-    launcher = TRAIN_SCHEMA["properties"]["launcher"]["properties"]
+    # resources: the launcher keys (one table, neuclip/grid/launcher.yaml), but executor and site
     for name in ("safe_string", "positive_int_or_null"):
-        doc["definitions"][name] = TRAIN_SCHEMA["definitions"][name]
+        doc["definitions"][name] = DEFINITIONS[name]
     doc["definitions"]["resources"] = {
         "type": "object",
         "additionalProperties": False,
-        "properties": {k: {key: v for key, v in launcher[k].items() if key != "default"} for k in RESOURCE_KEYS},
+        "properties": {k: {key: v for key, v in LAUNCHER[k].items() if key != "default"} for k in RESOURCE_KEYS},
     }
     return doc
 

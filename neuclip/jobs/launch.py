@@ -2,9 +2,9 @@
 or SLURM), and wait for it.
 
 A job is `Job(kind, cfg)`: `cfg` holds the job folder (`run_dir`), the `launcher` section (the one table of
-resource knobs, neuclip/train/schema.yaml) and `meta` labels; a train job's cfg is the whole train config,
-another kind's carries its command's arguments under `args`. Calling the job does the work; its
-`checkpoint()` hands submitit a *fresh* `Job(kind, cfg)` to requeue (dinov2's pattern). On timeout or
+resource knobs, neuclip/grid/launcher.yaml; `launch` completes a partial one) and `meta` labels; a train job's
+cfg is the whole train config, another kind's carries its command's arguments under `args`. Calling the job
+does the work; its `checkpoint()` hands submitit a *fresh* `Job(kind, cfg)` to requeue (dinov2's pattern). On timeout or
 preemption the work resumes from what it left on disk: the trainer from its own checkpoint (it writes one
 first), an evaluation from its finished task files (the runner skips every task whose result matches the
 model and task fingerprints), the error pass and the sweep by recomputing (each is a function of its
@@ -41,10 +41,11 @@ import sys
 import time
 from pathlib import Path
 
+from neuclip.grid.launcher import LAUNCHER, launcher_section, resolve_launcher, tasks_per_node
 from neuclip.jobs import stages
 from neuclip.jobs.records import KINDS, final_checkpoint, job_name, live_job, record_attempt, write_job_record
 from neuclip.jobs.waiter import wait
-from neuclip.train.config import LAUNCHER, ConfigError, identity_diff, launcher_section, tasks_per_node
+from neuclip.train.config import ConfigError, identity_diff
 from neuclip.yamlio import yaml_load
 
 __all__ = ["KINDS", "Job", "TrainJob", "launch", "make_executor", "submit", "wait"]
@@ -299,9 +300,12 @@ def supersede_stale(cfg: dict) -> Path | None:
 
 
 def launch(cfg: dict, *, kind: str = "train", detach: bool = False, supersede: bool = False) -> int:
-    """Run the resolved config `cfg` of job `kind` with its launcher; returns the exit status."""
+    """Run the resolved config `cfg` of job `kind` with its launcher; returns the exit status. A partial launcher
+    section is completed first (defaults < launcher.site < its own values), so the job, and the run folder's
+    config.yaml, always hold the whole section."""
     from neuclip.train.trainer import EXIT_PREEMPTED, Preempted
 
+    cfg = resolve_launcher(cfg)
     run_dir = Path(cfg["run_dir"])
     command = KINDS[kind].command
     if kind == "train":
@@ -344,7 +348,7 @@ def add_arguments(parser) -> None:
         "--launcher",
         metavar="YAML",
         default=None,
-        help="run as a job with this launcher section (the train config's launcher keys: executor, site, nodes, "
+        help="run as a job with this launcher section (neuclip/grid/launcher.yaml's keys: executor, site, nodes, "
         "gpus_per_node, timeout_min, ...), as a YAML mapping or a file holding one, e.g. "
         "'{executor: slurm, site: slurm/site.yaml, gpus_per_node: 1}'; default: in this process",
     )
@@ -360,7 +364,7 @@ def parse_launcher(text: str) -> dict:
     given = yaml_load(source)
     if not isinstance(given, dict):
         raise ConfigError(f"--launcher must be a YAML mapping (or a file holding one), got {text!r}")
-    return launcher_section(given)
+    return launcher_section(given, where="--launcher")
 
 
 def run_meta(run_dir: Path) -> dict:

@@ -4,8 +4,9 @@ Every key, its type, range and default is declared once, in neuclip/train/schema
 experiment schema and the estimators' options), so a config file only states what differs. Unknown keys are an
 error that names the key and lists the allowed ones at that level; `method.options` and `method.common_options`
 are checked by the estimator's own declaration (neuclip/estimators/options.py). The resolved
-config (absolute paths, site defaults merged, sample counts filled in) is what the run folder records and
-what a resumed run is compared against.
+config (absolute paths, sample counts filled in) is what the run folder records and what a resumed run is
+compared against. The `launcher` section is free-form here: its table is neuclip/grid/launcher.yaml, and
+`neuclip train` or the jobs launcher completes it before the run starts; the trainer never reads it.
 """
 
 from __future__ import annotations
@@ -45,23 +46,7 @@ def _free_form(node: dict, path: tuple = ()) -> set[tuple]:
 
 SCHEMA = _schema()
 DEFAULTS: dict[str, Any] = _defaults(SCHEMA)  # every key's default, from neuclip/train/schema.yaml
-FREE_FORM = _free_form(SCHEMA)  # mappings whose keys the estimator (or sbatch) checks
-EXECUTORS = tuple(SCHEMA["properties"]["launcher"]["properties"]["executor"]["enum"])
-
-LAUNCHER = SCHEMA["properties"]["launcher"]["properties"]  # the one table of launcher/resource knobs
-# A site file (slurm/site.yaml) gives defaults for the launcher keys that are not the job's shape.
-SITE_KEYS = {k for k, node in LAUNCHER.items() if node.get("x-site", True)}
-# The spellings site.yaml used before it shared the launcher's names: refused with the new name.
-RENAMED = {"time_min": "timeout_min", "additional_parameters": "slurm_additional_parameters", "time": "timeout_min"}
-SITE_SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "definitions": SCHEMA["definitions"],
-    "properties": {k: LAUNCHER[k] for k in SITE_KEYS},
-}
-# An experiment's `resources:` (and per_dataset / stages) and `neuclip eval|error --launcher`: the launcher keys
-# but `executor` and `site`, which the workflow sets from its `launcher` and `slurm_site` keys.
-RESOURCE_KEYS = [k for k in LAUNCHER if k not in ("executor", "site")]
+FREE_FORM = _free_form(SCHEMA)  # mappings whose keys the estimator (or the launcher) checks
 
 
 def _identity_keys(node: dict, path: str = "") -> list[str]:
@@ -112,12 +97,13 @@ def _merge(base: dict, update: dict, path: str = "") -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {where!r} must be a mapping, got {value!r}")
             out[key] = _merge(base[key], value, where + ".")
-        elif sub in FREE_FORM:
-            if value is None:
-                value = {}
+        elif sub in FREE_FORM:  # key by key, so `launcher.nodes=2` keeps the file's other launcher keys
+            if value is None:  # an explicit null empties the mapping
+                out[key] = {}
+                continue
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {where!r} must be a mapping, got {value!r}")
-            out[key] = copy.deepcopy(value)
+            out[key] = {**(base[key] or {}), **copy.deepcopy(value)}
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -172,7 +158,7 @@ def _subschema(path, schema: dict) -> dict:
             continue
         node = props[part] if part in props else node.get("additionalProperties") or {}
         if isinstance(node, dict) and "$ref" in node:
-            ref = SCHEMA["definitions"][node["$ref"].rsplit("/", 1)[1]]
+            ref = (schema.get("definitions") or SCHEMA["definitions"])[node["$ref"].rsplit("/", 1)[1]]
             node = {**ref, **{k: v for k, v in node.items() if k != "$ref"}}
     return node if isinstance(node, dict) else {}
 
@@ -232,18 +218,6 @@ def get(cfg: dict, dotted: str):
     return node
 
 
-def load_site(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"launcher.site: no such file {path}")
-    site = yaml_load(path.read_text()) or {}
-    if not isinstance(site, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    check_keys(site, SITE_KEYS, str(path), "site key")
-    validate(site, SITE_SCHEMA, where=f"{path}: ")
-    return site
-
-
 def _sizes_total(pattern: str, shards: list[str]) -> int | None:
     """Sum of the img2dataset `sizes.json` counts (shard name -> count) of the shards, if all are known."""
     total, cache = 0, {}
@@ -261,7 +235,8 @@ def _sizes_total(pattern: str, shards: list[str]) -> int | None:
 
 
 def resolve(cfg: dict, base_dir: str | Path | None = None) -> dict:
-    """Absolute paths, site defaults merged into `launcher`, sample counts filled in."""
+    """Absolute paths and sample counts filled in. The launcher section is not the trainer's: whoever launches
+    the run completes it (neuclip.grid.launcher.resolve_launcher)."""
     from neuclip.train.data import expand_shards
 
     cfg = copy.deepcopy(cfg)
@@ -301,64 +276,8 @@ def resolve(cfg: dict, base_dir: str | Path | None = None) -> dict:
             f"data.train_num_samples ({d['train_num_samples']}) is smaller than "
             f"train.global_batch_size ({cfg['train']['global_batch_size']})"
         )
-    apply_site(cfg["launcher"], base)
     validate(cfg)
     return cfg
-
-
-def apply_site(la: dict, base: Path) -> None:
-    """Merge launcher.site's defaults into the launcher section (in place): the config's own values win."""
-    if not la["site"]:
-        return
-    site_path = Path(la["site"])
-    if not site_path.is_absolute():
-        site_path = base.resolve() / site_path
-    la["site"] = str(site_path)
-    site = load_site(site_path)
-    for key in sorted(SITE_KEYS - {"slurm_additional_parameters"}):  # the config's own values win
-        if la[key] is None and site.get(key) is not None:
-            la[key] = site[key]
-    la["slurm_additional_parameters"] = {
-        **(site.get("slurm_additional_parameters") or {}),
-        **la["slurm_additional_parameters"],
-    }
-
-
-def check_keys(section: dict, allowed, where: str, what: str = "key") -> None:
-    """Unknown keys of a launcher/resources mapping are an error; an old spelling gets its new name."""
-    for key in section:
-        if key in RENAMED and key not in allowed:
-            raise ConfigError(
-                f"{where}: {what} {key!r} is now {RENAMED[key]!r} (one name per knob, the same in slurm/site.yaml, "
-                f"an experiment's resources and the train config's launcher section): rename it"
-            )
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{where}: unknown {what}(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
-
-
-def launcher_section(given: dict, base: Path | None = None, where: str = "--launcher") -> dict:
-    """A complete, validated launcher section from a partial one (defaults filled, launcher.site merged): what
-    `neuclip eval|error --launcher` runs with."""
-    check_keys(given, LAUNCHER, where)
-    la = _merge(copy.deepcopy(DEFAULTS["launcher"]), given, "launcher.")
-    validate({"launcher": la})
-    apply_site(la, Path(base or Path.cwd()))
-    validate({"launcher": la})
-    return la
-
-
-def tasks_per_node(la: dict) -> int:
-    """Processes a launcher section starts on each node: tasks_per_node, by default one per GPU (at least one)."""
-    return int(la["tasks_per_node"] or max(1, la["gpus_per_node"] or 0))
-
-
-def world_size(la: dict) -> int:
-    """Training processes of a (site-merged) launcher section: inprocess is one process; otherwise nodes x
-    tasks per node."""
-    if la["executor"] == "inprocess":
-        return 1
-    return int(la["nodes"]) * tasks_per_node(la)
 
 
 def identity_diff(a: dict, b: dict) -> list[str]:
