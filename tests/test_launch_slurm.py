@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from neuclip.grid.launcher import resolve_launcher
 from neuclip.train import checkpoint as ckpt
 from neuclip.train.testing import last_logged_step, run_attempts, tensors_equal, tiny_config, write_config
 
@@ -43,7 +44,7 @@ def slurm_env(slurm_cluster):
 def _cell(tmp_path: Path, synth_data: Path, name: str, steps: int, seed: int = 0) -> dict:
     """A tiny SLURM run labelled as one grid cell (the workflow fills `meta` the same way)."""
     meta = {"experiment": EXPERIMENT, "dataset": "synthetic", "method": "fastclip", "variant": name, "seed": seed}
-    return tiny_config(
+    return resolve_launcher(tiny_config(
         tmp_path / name,
         str(synth_data / "train" / "{00000..00002}.tar"),
         **{
@@ -56,7 +57,7 @@ def _cell(tmp_path: Path, synth_data: Path, name: str, steps: int, seed: int = 0
             "launcher.gpus_per_node": 0,
             "meta": meta,
         },
-    )
+    ))
 
 
 def _job_id(run_dir: Path, timeout: float = 120) -> str:

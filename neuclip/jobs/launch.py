@@ -159,6 +159,7 @@ def _reattached(job, run_dir: Path, kind: str = "train"):
 
 def submit(cfg: dict, kind: str = "train"):
     """Re-attach to the job folder's live job, or submit a new one; returns the submitit Job."""
+    cfg = resolve_launcher(cfg)
     job = live_job(cfg) if cfg["launcher"]["executor"] != "debug" else None
     return _reattached(job, Path(cfg["run_dir"]), kind) if job is not None else _submit_new(cfg, kind)
 
