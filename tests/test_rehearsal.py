@@ -69,6 +69,20 @@ def test_sampled_cells_cover_every_method_and_every_data_set():
     assert len(runs) == 7 + 5
 
 
+def test_a_rehearsal_sizes_its_batch_for_the_world_the_site_gives(tmp_path):
+    """The rehearsal shrinks each batch to a multiple of the world size the job will start, read from the same
+    complete launcher section as the job's: here slurm/site.yaml's GPUs per node, which no resources key sets."""
+    from neuclip.grid.preflight import preflight
+
+    site = tmp_path / "site.yaml"
+    site.write_text("partition: debug\ngpus_per_node: 3\n")
+    config = load_experiment([CONFIGS / "tiny.yaml", REHEARSAL], launcher="slurm", slurm_site=str(site))
+    plans = preflight(config)  # the trainer's own geometry check, per cell
+    assert plans and {p.world for p in plans} == {3}
+    for run in wf.runs(config):
+        assert wf.train_config(config, run)["train"]["global_batch_size"] % 3 == 0
+
+
 def summaries(root: Path) -> dict[str, dict]:
     return {str(p.relative_to(root)): json.loads(p.read_text()) for p in root.glob("**/eval/tiny/summary.json")}
 

@@ -23,7 +23,7 @@ import neuclip.grid.workflow as wf
 from neuclip.data.keys import declared_data_size
 from neuclip.data.shards import expand_pattern
 from neuclip.grid.cluster_fit import misfit
-from neuclip.grid.launcher import launcher_section, world_size
+from neuclip.grid.launcher import world_size
 from neuclip.train.config import DEFAULTS, ConfigError, _merge, validate
 
 GIB = 1024**3
@@ -61,8 +61,7 @@ def check_cell(config: dict, run, models: set[str] | None = None) -> CellPlan:
     from neuclip.train.setup import Geometry
 
     cfg = _merge(copy.deepcopy(DEFAULTS), wf.train_config(config, run))
-    validate(cfg)
-    cfg["launcher"] = launcher_section(cfg["launcher"], wf.REPO)
+    validate(cfg)  # its launcher section is complete (site merged): neuclip.grid.workflow.stage_launcher
     d = cfg["data"]
     if d["train_num_samples"] is None:
         raise ConfigError(f"data set {run.dataset!r} has no num_samples in workflows/datasets.yaml: set it "
@@ -153,8 +152,7 @@ def _cluster_misfits(config: dict, plans: list[CellPlan], cluster) -> list[str]:
         sections[(f"experiment {config['experiment']}", "error_sweep")] = wf.stage_launcher(config, "error_sweep")
     out, seen = [], set()
     for (what, stage), la in sections.items():
-        full = la if stage == "train" else launcher_section(la, base=wf.REPO, where=f"stages.{stage}")
-        why = misfit(full, cluster)
+        why = misfit(la, cluster)
         if why and (stage, why) not in seen:
             seen.add((stage, why))
             out.append(f"  {what}, stage {stage}: {why}")

@@ -22,6 +22,7 @@ import copy
 import math
 
 import neuclip.grid.workflow as wf
+from neuclip.grid.launcher import world_size
 from neuclip.grid.workflow import deep_merge, stage_launcher
 
 DEFAULTS = {
@@ -95,10 +96,8 @@ def _shrink_error(err: dict | None, r: dict) -> dict:
 
 
 def _world(config: dict, dataset: str, r: dict) -> int:
-    res = stage_launcher(config, "train", dataset)  # the shrunk config's: resources, per_dataset and stages
-    if config.get("launcher", "inprocess") == "inprocess":
-        return 1
-    return int(res.get("nodes", 1)) * max(1, int(res.get("tasks_per_node") or res.get("gpus_per_node") or 1))
+    """The shrunk config's train world size, as the launcher will start it (site defaults included)."""
+    return world_size(stage_launcher(config, "train", dataset))
 
 
 def _sampled_cells(datasets: list[str], methods: list[str]) -> list[str]:

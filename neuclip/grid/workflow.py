@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from neuclip.data.keys import contiguous_rows, key_space
-from neuclip.grid.launcher import DEFINITIONS, LAUNCHER, RESOURCE_KEYS, check_keys
+from neuclip.grid.launcher import DEFINITIONS, LAUNCHER, RESOURCE_KEYS, check_keys, launcher_section
 from neuclip.train.config import DEFAULTS, IDENTITY_KEYS, _merge, get, run_settings
 from neuclip.yamlio import yaml_load
 
@@ -193,8 +193,8 @@ def train_config(config: dict, run: Run) -> dict:
 # -- per-stage launchers ------------------------------------------------------------------------------------
 # Every stage that computes is a job of the one launcher (neuclip/jobs/launch.py). Its launcher section, lowest
 # first: the key's default < slurm/site.yaml < `resources` < `per_dataset.<set>.resources` < the stage's
-# shape below < `stages.<stage>`. stage_launcher stacks the experiment's layers; the first two are
-# neuclip.grid.launcher.launcher_section's, applied once where the job is launched. Keys: neuclip/grid/launcher.yaml.
+# shape below < `stages.<stage>`, all applied by stage_launcher (the first two through
+# neuclip.grid.launcher.launcher_section). Keys: neuclip/grid/launcher.yaml.
 STAGES = ("train", "eval", "error_run", "error_sweep")
 STAGE_SHAPE = {
     "train": {},
@@ -225,7 +225,9 @@ def sweep_jobs(config: dict) -> int:
 
 
 def stage_launcher(config: dict, stage: str, dataset: str | None = None) -> dict:
-    """The launcher section of `stage`'s job for a cell of `dataset` (None: a stage of the whole experiment)."""
+    """The complete launcher section of `stage`'s job for a cell of `dataset` (None: a stage of the whole
+    experiment): the one place every layer of the precedence above is applied. The job receives exactly this
+    (`launcher={...}` or `--launcher`), the preflight and the rehearsal size the same section."""
     ds = per_dataset(config, dataset) if dataset else {}
     la = deep_merge(deep_merge(config.get("resources") or {}, ds.get("resources")), STAGE_SHAPE[stage])
     if stage == "error_sweep":
@@ -234,7 +236,7 @@ def stage_launcher(config: dict, stage: str, dataset: str | None = None) -> dict
     la["executor"] = config.get("launcher", "inprocess")
     if _site_path(config):
         la["site"] = _site_path(config)
-    return la
+    return launcher_section(la, where=f"the {stage} stage's resources")
 
 
 # -- what reruns a job -----------------------------------------------------------------------------------
