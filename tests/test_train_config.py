@@ -45,6 +45,17 @@ def test_unknown_keys_are_named_with_the_allowed_ones(bad, named, allowed):
     assert named in str(err.value) and allowed in str(err.value)
 
 
+def test_an_override_of_a_mapping_keeps_the_files_other_keys(tmp_path):
+    """method.options, launcher and meta are free-form mappings: an override updates them key by key (dropping
+    the file's other options would silently train another run); null empties one."""
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  name: fastclip\n  options: {rho: 6.5, gamma_min: 0.2}\nmeta: {dataset: cc3m}\n")
+    cfg = load_config(path, ["method.options.gamma_min=0.5", "meta={seed: 1}"])
+    assert cfg["method"]["options"] == {"rho": 6.5, "gamma_min": 0.5}
+    assert cfg["meta"] == {"dataset": "cc3m", "seed": 1}
+    assert load_config(path, ["method.options=null"])["method"]["options"] == {}
+
+
 def test_unknown_key_in_a_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  global_batch_size: 64\n  chekpoint_every: 10\n")

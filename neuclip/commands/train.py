@@ -1,6 +1,7 @@
 """`neuclip train CONFIG.yaml [key=value ...]`: train one model into its run folder (resumes if interrupted).
 
-Overrides are dotted keys with YAML values, e.g. `train.lr=1e-3 method.options={rho: 6.5}`. Relative paths
+Overrides are dotted keys with YAML values, e.g. `train.lr=1e-3 method.options={rho: 6.5}`; a mapping
+(method.options, launcher, meta) is updated key by key, and `KEY=null` empties it. Relative paths
 (run_dir, data.train_shards, launcher.site) are taken from the current directory. `--print-config` shows the
 resolved config and exits. See neuclip/train/schema.yaml for every key and its default, and
 neuclip/grid/launcher.yaml for the launcher section's.
