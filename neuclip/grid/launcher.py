@@ -62,16 +62,24 @@ def check_keys(section: dict, allowed, where: str, what: str = "key") -> None:
         raise ConfigError(f"{where}: unknown {what}(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
 
 
+_SITES: dict[tuple, dict] = {}  # (path, mtime, size) -> the checked site: the grid resolves a section per stage
+
+
 def load_site(path: str | Path) -> dict:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"launcher.site: no such file {path}")
-    site = yaml_load(path.read_text()) or {}
-    if not isinstance(site, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    check_keys(site, SITE_KEYS, str(path), "site key")
-    validate(site, SITE_SCHEMA, where=f"{path}: ")
-    return site
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"launcher.site: no such file {path}") from None
+    stamp = (str(path), stat.st_mtime_ns, stat.st_size)
+    if stamp not in _SITES:
+        site = yaml_load(path.read_text()) or {}
+        if not isinstance(site, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        check_keys(site, SITE_KEYS, str(path), "site key")
+        validate(site, SITE_SCHEMA, where=f"{path}: ")
+        _SITES[stamp] = site
+    return copy.deepcopy(_SITES[stamp])
 
 
 def _apply_site(la: dict, base: Path) -> None:
