@@ -6,8 +6,8 @@ eval|error --launcher`. Precedence, lowest first:
 
     the key's default < slurm/site.yaml < the section given
 
-and `launcher_section` is the one function that applies it. For a grid cell, the section given is built by
-neuclip.grid.workflow.stage_launcher (resources < per_dataset < the stage's shape < stages). It lives here, with
+and `launcher_section` applies it. For a grid cell, neuclip.grid.workflow.stage_launcher stacks the
+experiment's layers (resources < per_dataset < the stage's shape < stages) and hands them to it. It lives here, with
 the grid, because the grid checks every cell's resources before anything is queued; the jobs launcher
 (neuclip/jobs/launch.py) reads it from here. The trainer never parses it: `neuclip train` and the launcher
 hand it a complete section, and the run folder's config.yaml records it.
@@ -26,7 +26,6 @@ SCHEMA_PATH = Path(__file__).with_name("launcher.yaml")
 LAUNCHER: dict = yaml_load(SCHEMA_PATH.read_text())["properties"]  # key -> its JSON Schema node
 DEFINITIONS = TRAIN_SCHEMA["definitions"]  # what the table's $refs name: safe strings, positive counts
 DEFAULTS = {key: copy.deepcopy(node.get("default")) for key, node in LAUNCHER.items()}
-EXECUTORS = tuple(LAUNCHER["executor"]["enum"])
 # The schema of a config holding a launcher section, so a message names the key as `launcher.nodes`.
 SCHEMA = {
     "type": "object",
