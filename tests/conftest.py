@@ -18,3 +18,15 @@ def synth_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "data"
     synthesize(out, num_train=48, num_eval=24, seed=0, shard_size=16)
     return out
+
+
+@pytest.fixture(scope="session")
+def finished_run(synth_data, tmp_path_factory):
+    """A finished 12-step tiny-vit run (openclip) of `neuclip train` on synth_data, its checkpoints at steps 4, 8
+    and 12 kept; returns its folder. Read-only: copy it (`shutil.copytree`) before changing anything."""
+    from neuclip.cli import main
+    from neuclip.train.testing import tiny_overrides, train_pattern
+
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *tiny_overrides(run_dir, train_pattern(synth_data), train__keep_last=3)]) == 0
+    return run_dir

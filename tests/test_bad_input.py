@@ -15,25 +15,13 @@ import torch
 
 from neuclip.cli import main
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import read_checkpoint, tensors_equal, tiny_overrides
+from neuclip.train.testing import read_checkpoint, tensors_equal, tiny_overrides, train_pattern
 
 torch.set_num_threads(1)
 
 
-def shards(data: Path) -> str:
-    return str(data / "train" / "{00000..00002}.tar")
-
-
 def _train(run_dir: Path, synth_data: Path, **extra) -> int:
-    return main(["train", *tiny_overrides(run_dir, shards(synth_data), **extra)])
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, synth_data):
-    """A 12-step run keeping its checkpoints at steps 4, 8, 12."""
-    run_dir = tmp_path_factory.mktemp("bad-input") / "run"
-    assert _train(run_dir, synth_data, train__keep_last=3) == 0
-    return run_dir
+    return main(["train", *tiny_overrides(run_dir, train_pattern(synth_data), **extra)])
 
 
 def _copy(run: Path, to: Path) -> Path:
@@ -103,7 +91,7 @@ def test_an_id_of_10_to_the_12_gets_the_same_verdict_from_check_and_train(skip_b
 
     train = shutil.copytree(synth_data / "train", tmp_path / "train")
     _damage(train, "id-beyond-data-size")
-    pattern = str(train / "{00000..00002}.tar")
+    pattern = train_pattern(train.parent)
     capsys.readouterr()
     assert main(["data", "check", pattern, *(["--skip-bad"] if skip_bad else [])]) == (0 if skip_bad else 1)
     checked = capsys.readouterr().out
@@ -130,7 +118,7 @@ def test_a_1_mb_one_word_caption_is_cut_and_counted(synth_data, tmp_path, capsys
     _rewrite(train / "00001.tar", _member("0000104.txt", lambda d: word))
     run = tmp_path / "run"
     # one epoch (3 steps of 16 of the 48 samples): the long caption's sample is in it
-    assert main(["train", *tiny_overrides(run, str(train / "{00000..00002}.tar"), train__max_steps=3)]) == 0
+    assert main(["train", *tiny_overrides(run, train_pattern(train.parent), train__max_steps=3)]) == 0
     done = json.loads((run / "done.json").read_text())
     assert done["captions_cut"] == 1 and done["bad_samples"] == 0
     assert done["train_wall_s"] < 60  # seconds for 3 steps; the uncut word alone would take hours
@@ -154,7 +142,7 @@ def small_disk(tmp_path):
 def test_a_full_disk_during_a_checkpoint_is_one_line_naming_the_file(small_disk, synth_data, capsys):
     run = small_disk / "run"
     capsys.readouterr()
-    assert main(["train", *tiny_overrides(run, shards(synth_data))]) == 1
+    assert main(["train", *tiny_overrides(run, train_pattern(synth_data))]) == 1
     err = capsys.readouterr().err
     assert "no space left on device writing" in err and "step_000000004.pt" in err, err
     assert "Traceback" not in err

@@ -8,6 +8,7 @@ import pytest
 import webdataset as wds
 
 from neuclip.data.synth import COLOURS, SHAPES, synthesize
+from neuclip.train.testing import train_pattern
 
 
 def _files(root):
@@ -43,7 +44,7 @@ def test_layout_manifest_sizes_and_stats(synth_data):
 
 
 def test_train_shards_read_by_webdataset(synth_data):
-    url = str(synth_data / "train" / "{00000..00002}.tar")
+    url = train_pattern(synth_data)
     samples = list(wds.WebDataset(url, shardshuffle=False).decode("pil"))
     # img2dataset's keys for 16-sample shards: shard * 10^2 + row in 5 + 2 digits (neuclip/data/keys.py)
     assert [s["__key__"] for s in samples] == [f"{k:05d}{r:02d}" for k in range(3) for r in range(16)]
@@ -65,7 +66,7 @@ def test_different_shard_size_same_samples(tmp_path, synth_data):
     out = tmp_path / "one_shard"
     synthesize(out, num_train=48, num_eval=24, seed=0, shard_size=64)
     one = list(wds.WebDataset(str(out / "train" / "00000.tar"), shardshuffle=False))
-    three = list(wds.WebDataset(str(synth_data / "train" / "{00000..00002}.tar"), shardshuffle=False))
+    three = list(wds.WebDataset(train_pattern(synth_data), shardshuffle=False))
     assert [s["jpg"] for s in one] == [s["jpg"] for s in three]
     assert [s["txt"] for s in one] == [s["txt"] for s in three]
     meta = [[{k: v for k, v in json.loads(s["json"]).items() if k != "key"} for s in ss] for ss in (one, three)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuclip.error_study.run_error import score_run
-from neuclip.train.testing import tiny_config
+from neuclip.train.testing import tiny_config, train_pattern
 
 torch.set_num_threads(1)
 
@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 def test_error_run_scores_the_runs_own_estimate(method, synth_data, tmp_path):
     from neuclip.error_study.tracking import train
 
-    pattern = str(synth_data / "train" / "{00000..00002}.tar")
+    pattern = train_pattern(synth_data)
     cfg = tiny_config(tmp_path / "run", pattern, **{"method.name": method, "train.max_steps": 6})
     train(cfg)
     row = score_run(tmp_path / "run", anchors=20)

@@ -12,7 +12,7 @@ import torch
 from neuclip.error_study.run_error import score_run
 from neuclip.train import checkpoint as ckpt
 from neuclip.train.config import ConfigError
-from neuclip.train.testing import tensors_equal, tiny_config
+from neuclip.train.testing import tensors_equal, tiny_config, train_pattern
 
 torch.set_num_threads(1)
 
@@ -30,7 +30,7 @@ def _final_state(run) -> dict:
 def test_tracking_matches_error_run_and_leaves_the_run_unchanged(method, synth_data, tmp_path):
     from neuclip.error_study.tracking import train
 
-    pattern = str(synth_data / "train" / "{00000..00002}.tar")
+    pattern = train_pattern(synth_data)
     common = {"method.name": method, "train.max_steps": 10, "error.anchors": 20}
     train(tiny_config(tmp_path / "off", pattern, **common))
     train(tiny_config(tmp_path / "on", pattern, **common, **{"error.every": 4}))
@@ -50,7 +50,7 @@ def test_tracking_matches_error_run_and_leaves_the_run_unchanged(method, synth_d
 def test_resume_keeps_one_point_per_step(synth_data, tmp_path):
     from neuclip.error_study.tracking import train
 
-    pattern = str(synth_data / "train" / "{00000..00002}.tar")
+    pattern = train_pattern(synth_data)
     cfg = tiny_config(tmp_path / "run", pattern, **{"method.name": "neuclip", "error.every": 3, "error.anchors": 16})
     train(cfg)
     full = _curve(tmp_path / "run")
@@ -70,7 +70,7 @@ def test_resume_keeps_one_point_per_step(synth_data, tmp_path):
 def test_method_without_estimate_writes_no_curve(synth_data, tmp_path, capsys):
     from neuclip.error_study.tracking import train
 
-    pattern = str(synth_data / "train" / "{00000..00002}.tar")
+    pattern = train_pattern(synth_data)
     train(tiny_config(tmp_path / "run", pattern, **{"method.name": "siglip", "train.max_steps": 4, "error.every": 2}))
     assert not (tmp_path / "run" / "error_curve.jsonl").exists()
     assert "siglip keeps no normaliser estimate" in capsys.readouterr().err
@@ -92,7 +92,7 @@ def test_the_trainer_takes_tracking_as_a_hook_and_never_drops_it(synth_data, tmp
     from neuclip.train.testing import tiny_config
     from neuclip.train.trainer import train as bare_train
 
-    cfg = tiny_config(tmp_path / "run", str(synth_data / "train" / "{00000..00002}.tar"), **{"error.every": 4})
+    cfg = tiny_config(tmp_path / "run", train_pattern(synth_data), **{"error.every": 4})
     with pytest.raises(ConfigError, match="error.every is set but no error tracker was given"):
         bare_train(cfg)
     assert not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ import torch
 from neuclip.error_study.exact import exact_log_normalizers
 from neuclip.estimators import Batch, EstimatorContext, build_estimator, method_names
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import tiny_config
+from neuclip.train.testing import tiny_config, train_pattern
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,7 +28,7 @@ pytestmark = [
 def _gpu_config(run_dir, synth_data, method, **extra):
     return tiny_config(
         run_dir,
-        str(synth_data / "train" / "{00000..00002}.tar"),
+        train_pattern(synth_data),
         **{"method.name": method, "train.device": "cuda", "train.precision": "bf16", "train.max_steps": 12, **extra},
     )
 

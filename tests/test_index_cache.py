@@ -21,7 +21,14 @@ from neuclip.data import check
 from neuclip.data.index import INDEX_DIR
 from neuclip.data.survey_cache import cached_survey
 from neuclip.train.data import TrainData
-from neuclip.train.testing import read_checkpoint, tensors_equal, tiny_config, tiny_overrides, write_config
+from neuclip.train.testing import (
+    read_checkpoint,
+    tensors_equal,
+    tiny_config,
+    tiny_overrides,
+    train_pattern,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +116,7 @@ def test_the_stored_survey_is_the_survey(train):
 
 
 def test_missing_indexes_are_built_and_said_or_refused(train, tmp_path, capsys):
-    pattern = str(train / "{00000..00002}.tar")
+    pattern = train_pattern(train.parent)
     code = main(["train", *tiny_overrides(tmp_path / "refused", pattern, train__max_steps=1),
                  "data.missing_index=refuse"])
     err = capsys.readouterr().err
@@ -128,7 +135,7 @@ def test_missing_indexes_are_built_and_said_or_refused(train, tmp_path, capsys):
 def test_two_trainers_starting_together_build_each_index_once_and_train_alike(train, tmp_path, synth_data):
     """Two `neuclip train` processes on the same unindexed shards: each index built once between them, and
     both runs bit-identical to a run on the pre-built indexes."""
-    pattern = str(train / "{00000..00002}.tar")
+    pattern = train_pattern(train.parent)
     procs, configs = [], []
     for name in ("a", "b"):
         cfg = tiny_config(tmp_path / name, pattern, train__max_steps=4)

@@ -20,14 +20,17 @@ import torch
 from neuclip.grid.launcher import resolve_launcher
 from neuclip.train import checkpoint as ckpt
 from neuclip.train.config import ConfigError
-from neuclip.train.testing import last_logged_step, run_attempts, tensors_equal, tiny_config, write_config
+from neuclip.train.testing import (
+    last_logged_step,
+    run_attempts,
+    tensors_equal,
+    tiny_config,
+    train_pattern,
+    write_config,
+)
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _shards(data: Path) -> str:
-    return str(data / "train" / "{00000..00002}.tar")
 
 
 @pytest.mark.slow
@@ -42,7 +45,7 @@ def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_da
     # attempt is a third of the way through (the limit's own USR2 may come first).
     cfg = tiny_config(
         tmp_path / "job",
-        _shards(synth_data),
+        train_pattern(synth_data),
         **extra,
         **{
             "launcher.executor": "local",
@@ -61,7 +64,7 @@ def test_local_executor_timeout_requeues_and_resumes_to_the_same_result(synth_da
     waiter = threading.Thread(target=lambda: waited.update(rc=launch.wait(again)))
     waiter.start()
     # The uninterrupted reference, meanwhile on the other core.
-    ref = tiny_config(tmp_path / "ref", _shards(synth_data), **extra)
+    ref = tiny_config(tmp_path / "ref", train_pattern(synth_data), **extra)
     ref_proc = subprocess.Popen(
         [sys.executable, "-m", "neuclip.cli", "train", str(write_config(tmp_path / "ref.yaml", ref))],
         cwd=REPO,
@@ -98,7 +101,7 @@ def test_a_finished_run_is_recognised_from_its_folder_and_exported_here(synth_da
     from neuclip.jobs import records as jobs
 
     extra = {"train.max_steps": 4, "train.checkpoint_every": 2, "launcher.executor": "local"}
-    cfg = tiny_config(tmp_path / "run", _shards(synth_data), **extra)
+    cfg = tiny_config(tmp_path / "run", train_pattern(synth_data), **extra)
     run_dir = Path(cfg["run_dir"])
     train(cfg)
     first = json.loads((run_dir / "done.json").read_text())
@@ -194,7 +197,8 @@ def test_job_names_carry_the_cell_and_are_unique_per_grid(tmp_path):
 def test_debug_executor_runs_the_job_in_process(synth_data, tmp_path):
     from neuclip.jobs import launch
 
-    cfg = tiny_config(tmp_path / "ok", _shards(synth_data), **{"train.max_steps": 2, "launcher.executor": "debug"})
+    cfg = tiny_config(tmp_path / "ok", train_pattern(synth_data),
+                      **{"train.max_steps": 2, "launcher.executor": "debug"})
     assert launch.launch(cfg) == 0  # (on failure the debug executor opens pdb: it is for debugging)
     assert json.loads((Path(cfg["run_dir"]) / "done.json").read_text())["steps"] == 2
 
@@ -205,7 +209,7 @@ def test_a_failed_job_exits_non_zero_with_the_remote_traceback(synth_data, tmp_p
 
     cfg = tiny_config(
         tmp_path / "bad",
-        _shards(synth_data),
+        train_pattern(synth_data),
         **{
             "train.max_steps": 2,
             "launcher.executor": "local",
@@ -226,7 +230,7 @@ def _slurm_cfg(tmp_path: Path, synth_data: Path, **launcher) -> dict:
     )
     extra = {"launcher.executor": "slurm", "launcher.site": str(site), "launcher.nodes": 2}
     extra.update({f"launcher.{k}": v for k, v in launcher.items()})
-    return resolve_launcher(tiny_config(tmp_path / "run dir", _shards(synth_data), **extra))
+    return resolve_launcher(tiny_config(tmp_path / "run dir", train_pattern(synth_data), **extra))
 
 
 def test_slurm_script_uses_site_defaults_and_quotes_values(synth_data, tmp_path):

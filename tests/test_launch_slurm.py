@@ -27,7 +27,14 @@ import torch
 
 from neuclip.grid.launcher import resolve_launcher
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import last_logged_step, run_attempts, tensors_equal, tiny_config, write_config
+from neuclip.train.testing import (
+    last_logged_step,
+    run_attempts,
+    tensors_equal,
+    tiny_config,
+    train_pattern,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 torch.set_num_threads(1)
@@ -46,7 +53,7 @@ def _cell(tmp_path: Path, synth_data: Path, name: str, steps: int, seed: int = 0
     meta = {"experiment": EXPERIMENT, "dataset": "synthetic", "method": "fastclip", "variant": name, "seed": seed}
     return resolve_launcher(tiny_config(
         tmp_path / name,
-        str(synth_data / "train" / "{00000..00002}.tar"),
+        train_pattern(synth_data),
         **{
             "train.max_steps": steps,
             "train.checkpoint_every": 1000,

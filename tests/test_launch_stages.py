@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from neuclip.train.testing import tiny_config
+from neuclip.train.testing import tiny_config, train_pattern
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = "{executor: local, timeout_min: 5}"
@@ -32,7 +32,7 @@ def trained(synth_data, tmp_path_factory):
     torch.set_num_threads(1)
     meta = {"experiment": f"st{os.getpid()}", "dataset": "synthetic", "method": "fastclip", "variant": "default",
             "seed": 0}
-    cfg = tiny_config(tmp_path_factory.mktemp("stage") / "run", str(synth_data / "train" / "{00000..00002}.tar"),
+    cfg = tiny_config(tmp_path_factory.mktemp("stage") / "run", train_pattern(synth_data),
                       **{"method.name": "fastclip", "train.max_steps": 6, "meta": meta})
     train(cfg)
     return Path(cfg["run_dir"])
@@ -190,7 +190,7 @@ def test_a_run_of_another_identity_is_moved_aside_only_when_asked(synth_data, tm
     root = tmp_path / "runs" / "exp"
     meta = {"experiment": "exp", "dataset": "synthetic", "method": "fastclip", "variant": "default", "seed": 0}
     common = {"method.name": "fastclip", "train.max_steps": 2, "meta": meta}
-    pattern = str(synth_data / "train" / "{00000..00002}.tar")
+    pattern = train_pattern(synth_data)
     run = root / "synthetic" / "fastclip" / "default" / "seed0"
     assert launch.launch(tiny_config(run, pattern, **common)) == 0
     changed = tiny_config(run, pattern, **common, **{"method.options": {"gamma": 0.5}})

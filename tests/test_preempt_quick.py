@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import tensors_equal, tiny_config, write_config
+from neuclip.train.testing import tensors_equal, tiny_config, train_pattern, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_a_signal_mid_operation_stops_quickly_and_loses_nothing(mode, synth_data
     from neuclip.train.trainer import EXIT_PREEMPTED
 
     torch.set_num_threads(1)
-    pattern = str(synth_data / "train" / "{00000..00002}.tar")
+    pattern = train_pattern(synth_data)
     common = {"method.name": "fastclip", "train.max_steps": 12, "error.anchors": 16, "train.threads": 1}
     common.update({"error.every": 4} if mode == "measure" else {"train.checkpoint_every": 4})
     ref = tiny_config(tmp_path / "ref", pattern, **common)

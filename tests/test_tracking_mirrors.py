@@ -16,7 +16,7 @@ import torch
 
 from neuclip.train.config import ConfigError
 from neuclip.train.runfiles import Mirrors, scalars
-from neuclip.train.testing import tiny_config
+from neuclip.train.testing import tiny_config, train_pattern
 
 torch.set_num_threads(1)
 
@@ -70,7 +70,7 @@ def test_tensorboard_and_wandb_equal_the_jsonl_files(synth_data, tmp_path, monke
     from neuclip.error_study.tracking import train
 
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the default must be offline
-    pattern = str(synth_data / "train" / "{00000..00002}.tar")
+    pattern = train_pattern(synth_data)
     extra = {"method.name": "fastclip", "train.max_steps": 6, "error.every": 3, "error.anchors": 8}
     train(tiny_config(tmp_path / "plain", pattern, **extra))
     run = tmp_path / "run"
@@ -133,7 +133,7 @@ def test_missing_package_is_a_clear_error(package, tmp_path, monkeypatch):
 
 
 def test_report_to_is_checked(synth_data, tmp_path):
-    pattern = str(synth_data / "train" / "{00000..00002}.tar")
+    pattern = train_pattern(synth_data)
     with pytest.raises(ConfigError, match="'train.report_to.1' must be one of jsonl, tensorboard, wandb"):
         tiny_config(tmp_path / "r", pattern, **{"train.report_to": ["jsonl", "mlflow"]})
     assert tiny_config(tmp_path / "r", pattern)["train"]["report_to"] == ["jsonl"]

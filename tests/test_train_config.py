@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from neuclip.train.config import ConfigError, identity_diff, load_config, parse_overrides, resolve
+from neuclip.train.testing import train_pattern
 
 CONFIGS = Path(__file__).resolve().parents[1] / "neuclip" / "configs"
 
@@ -137,7 +138,7 @@ def test_shipped_configs_load(tmp_path):
 
 def test_resolve_fills_counts_and_paths(synth_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    shards = str(synth_data / "train" / "{00000..00002}.tar")
+    shards = train_pattern(synth_data)
     cfg = resolve(load_config(None, ["run_dir=runs/a", f"data.train_shards={shards}", "train.global_batch_size=16",
                                      "launcher.site=site.yaml"]))
     assert cfg["run_dir"] == str(tmp_path / "runs" / "a")
@@ -166,7 +167,7 @@ def test_a_rerun_with_a_changed_config_is_refused(synth_data, tmp_path):
     from neuclip.error_study.tracking import train
     from neuclip.train.testing import tiny_config
 
-    shards = str(synth_data / "train" / "{00000..00002}.tar")
+    shards = train_pattern(synth_data)
     cfg = tiny_config(tmp_path / "run", shards, **{"train.max_steps": 2})
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], "lr": 0.5}}))
@@ -178,7 +179,7 @@ def test_a_rerun_with_a_changed_config_is_refused(synth_data, tmp_path):
 def test_print_config_shows_the_resolved_config(synth_data, tmp_path, capsys):
     from neuclip.cli import main
 
-    shards = str(synth_data / "train" / "{00000..00002}.tar")
+    shards = train_pattern(synth_data)
     assert (
         main(
             [
@@ -235,7 +236,7 @@ def test_an_id_beyond_data_size_names_the_shard_key_and_file(synth_data, tmp_pat
     train = shutil.copytree(synth_data / "train", tmp_path / "train")
     info_file = train / "dataset.yaml"
     info_file.write_text(yaml.safe_dump({**yaml.safe_load(info_file.read_text()), "data_size": 150}))
-    pattern = str(train / "{00000..00002}.tar")
+    pattern = train_pattern(train.parent)
     cfg = resolve(load_config(None, ["run_dir=r", f"data.train_shards={pattern}", "train.global_batch_size=16"]),
                   tmp_path)  # fmt: skip
     assert cfg["data"]["data_size"] == 150

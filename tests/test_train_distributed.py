@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import tiny_config, write_config
+from neuclip.train.testing import tiny_config, train_pattern, write_config
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def _param_diff(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
 def test_two_gloo_processes_match_one_process(synth_data, tmp_path):
     from neuclip.error_study.tracking import train
 
-    shards = str(synth_data / "train" / "{00000..00002}.tar")
+    shards = train_pattern(synth_data)
     steps = 4
     # error tracking on as well: rank 0 measures while rank 1 waits, with 2 vs 1 embedding workers
     extra = {"train.max_steps": steps, "train.checkpoint_every": 100, "train.warmup_steps": 0, "error.every": 2}

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import read_checkpoint, tensors_equal, tiny_config, write_config
+from neuclip.train.testing import read_checkpoint, tensors_equal, tiny_config, train_pattern, write_config
 
 torch.set_num_threads(1)
 
@@ -28,10 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 # The methods whose resume must be bit-exact; a method whose module is not written yet is skipped.
 METHODS = {"openclip": "baselines.openclip", "fastclip": "baselines.fastclip", "neuclip": "neuclip.neuclip"}
 OPTIONS = {"neuclip": {"num_prototypes": 64, "restart_every": 5}}  # small NPN, and a restart mid-run
-
-
-def shards(data: Path) -> str:
-    return str(data / "train" / "{00000..00002}.tar")
 
 
 def _final(run_dir: Path, step: int) -> dict:
@@ -64,10 +60,10 @@ def test_sigkill_then_rerun_is_bit_identical(method, synth_data, tmp_path):
         "train.max_steps": steps,
         "train.checkpoint_every": 3,
     }
-    ref_cfg = tiny_config(tmp_path / "ref", shards(synth_data), **extra)
+    ref_cfg = tiny_config(tmp_path / "ref", train_pattern(synth_data), **extra)
     train(ref_cfg)
 
-    cfg = tiny_config(tmp_path / "run", shards(synth_data), **extra)
+    cfg = tiny_config(tmp_path / "run", train_pattern(synth_data), **extra)
     config_path = write_config(tmp_path / "run.yaml", cfg)
     kill_after = random.Random().randint(2, steps - 3)  # a fresh random step each time; printed on failure
     metrics = Path(cfg["run_dir"]) / "metrics.jsonl"
@@ -127,7 +123,7 @@ def test_nan_stops_naming_step_and_quantity(what, synth_data, tmp_path, monkeypa
 
     real = registry.build_estimator
     monkeypatch.setattr(registry, "build_estimator", lambda *a, **k: _poison(real(*a, **k), 5, what))
-    cfg = tiny_config(tmp_path / "run", shards(synth_data), **{"train.checkpoint_every": 2})
+    cfg = tiny_config(tmp_path / "run", train_pattern(synth_data), **{"train.checkpoint_every": 2})
     status = main(["train", str(write_config(tmp_path / "c.yaml", cfg))])
     err = capsys.readouterr().err
     assert status != 0
@@ -176,13 +172,13 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(synth_data, tmp_path):
         (bad_header, str(bad_header / "train" / "00001.tar")),
         (bad_image, f"{bad_image / 'train' / '00002.tar'} key {bad_key}"),
     ):
-        cfg = tiny_config(tmp_path / f"strict_{data.name}", shards(data), **{"train.max_steps": 6})
+        cfg = tiny_config(tmp_path / f"strict_{data.name}", train_pattern(data), **{"train.max_steps": 6})
         with pytest.raises(DataError) as err:
             train(cfg)
         assert named in str(err.value) and "data.skip_bad" in str(err.value), str(err.value)
         assert not (Path(cfg["run_dir"]) / "done.json").exists()
 
-    cfg = tiny_config(tmp_path / "skip", shards(both), **{"train.max_steps": 6, "data.skip_bad": True})
+    cfg = tiny_config(tmp_path / "skip", train_pattern(both), **{"train.max_steps": 6, "data.skip_bad": True})
     done = train(cfg)
     assert done["bad_shards"] == 1 and done["bad_samples"] == 1, done
     metrics = [json.loads(x) for x in (Path(cfg["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -195,7 +191,8 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_75(synth_data, tmp_p
     from neuclip.error_study.tracking import train
     from neuclip.train.trainer import EXIT_PREEMPTED
 
-    cfg = tiny_config(tmp_path / "run", shards(synth_data), **{"train.max_steps": 40, "train.checkpoint_every": 1000})
+    cfg = tiny_config(tmp_path / "run", train_pattern(synth_data),
+                      **{"train.max_steps": 40, "train.checkpoint_every": 1000})
     run = Path(cfg["run_dir"])
     proc = subprocess.Popen(
         [sys.executable, "-m", "neuclip.cli", "train", str(write_config(tmp_path / "c.yaml", cfg))],

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import RANK_DUMPS, tensors_equal, tiny_config, write_config
+from neuclip.train.testing import RANK_DUMPS, tensors_equal, tiny_config, train_pattern, write_config
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def finish(proc: subprocess.Popen) -> None:
 
 def config(tmp_path: Path, name: str, synth_data: Path) -> Path:
     cfg = tiny_config(
-        tmp_path / name, str(synth_data / "train" / "{00000..00002}.tar"),
+        tmp_path / name, train_pattern(synth_data),
         **{"model": "tiny-cnn", "method.name": "fastclip", "method.options": {"state_placement": "sharded"},
            "data.data_size": DATA_SIZE, "train.max_steps": STEPS, "train.checkpoint_every": 3,
            "train.warmup_steps": 0, "data.workers": 1},

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuclip.train import checkpoint as ckpt
-from neuclip.train.testing import run_attempts, tensors_equal, tiny_config
+from neuclip.train.testing import run_attempts, tensors_equal, tiny_config, train_pattern
 
 
 @pytest.mark.slow  # loader worker processes
@@ -17,7 +17,7 @@ from neuclip.train.testing import run_attempts, tensors_equal, tiny_config
 def test_resume_with_other_workers_is_bit_identical(synth_data, tmp_path):
     from neuclip.error_study.tracking import train
 
-    shards = str(synth_data / "train" / "{00000..00002}.tar")
+    shards = train_pattern(synth_data)
     extra = {"train.max_steps": 8, "train.checkpoint_every": 5, "train.keep_last": 3}
     straight = tiny_config(tmp_path / "straight", shards, **extra, **{"data.workers": 0})
     train(straight)

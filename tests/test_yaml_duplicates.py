@@ -14,7 +14,7 @@ import pytest
 
 from neuclip.cli import main
 from neuclip.grid.experiment import load_experiment
-from neuclip.train.testing import tiny_overrides
+from neuclip.train.testing import tiny_overrides, train_pattern
 from neuclip.yamlio import DuplicateKeyError, yaml_load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def test_neuclip_train_refuses_it_before_the_run_folder(tmp_path, synth_data, ca
     config = tmp_path / "c.yaml"
     config.write_text(TWO_TRAIN_SECTIONS)
     run_dir = tmp_path / "run"
-    shards = str(synth_data / "train" / "{00000..00002}.tar")
+    shards = train_pattern(synth_data)
     code = main(["train", str(config), *tiny_overrides(run_dir, shards)])
     err = capsys.readouterr().err
     assert code == 2, err

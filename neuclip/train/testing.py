@@ -15,6 +15,13 @@ from neuclip.train import resume
 from neuclip.train.config import load_config, resolve
 
 
+def train_pattern(data: str | Path) -> str:
+    """The brace pattern of a synthetic data set's train shards (data.train_shards), as `neuclip data synth`
+    declares it in DATA/train/dataset.yaml; the tests' one way to name the shard set of their `synth_data`."""
+    train = Path(data) / "train"
+    return str(train / yaml.safe_load((train / "dataset.yaml").read_text())["shards"])
+
+
 def tiny_overrides(run_dir: str | Path, shards: str, **extra) -> list[str]:
     """Overrides for a seconds-long CPU run of tiny-vit (16 samples a step, fp32, one thread)."""
     base = {
