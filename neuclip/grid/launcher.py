@@ -114,11 +114,10 @@ def launcher_section(given: dict | None, base: Path | None = None, where: str = 
     return la
 
 
-def resolve_launcher(cfg: dict, base: Path | None = None) -> dict:
-    """A copy of a run's config (train or stage job) with its launcher section complete."""
-    out = dict(cfg)
-    out["launcher"] = launcher_section(cfg.get("launcher"), base)
-    return out
+def resolve_launcher(cfg: dict) -> dict:
+    """A copy of a run's config (train or stage job) with its launcher section complete, a relative site path
+    taken from the current directory (as the config's other relative paths are)."""
+    return {**cfg, "launcher": launcher_section(cfg.get("launcher"))}
 
 
 def tasks_per_node(la: dict) -> int:

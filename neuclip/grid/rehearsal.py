@@ -95,7 +95,7 @@ def _shrink_error(err: dict | None, r: dict) -> dict:
     return err
 
 
-def _world(config: dict, dataset: str, r: dict) -> int:
+def _world(config: dict, dataset: str) -> int:
     """The shrunk config's train world size, as the launcher will start it (site defaults included)."""
     return world_size(stage_launcher(config, "train", dataset))
 
@@ -166,7 +166,7 @@ def rehearse(config: dict) -> dict:
             ds["seeds"] = ds["seeds"][:1]
         if "data_loader" in ds and "workers" in ds["data_loader"]:
             ds["data_loader"] = {**ds["data_loader"], "workers": min(int(ds["data_loader"]["workers"]), r["workers"])}
-        ds["train"] = _shrink_train(_merge(c.get("train"), ds.get("train")), r, _world(c, d, r))
+        ds["train"] = _shrink_train(_merge(c.get("train"), ds.get("train")), r, _world(c, d))
     c["eval"] = {**(c.get("eval") or {}), "suites": None}
     for key, cap in (("batch_size", 64), ("workers", 1)):
         if key in c["eval"]:
