@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.slurm_support import slurm_cluster, two_nodes  # noqa: F401  (session fixtures for `slurm` tests)
@@ -30,3 +32,35 @@ def finished_run(synth_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     assert main(["train", *tiny_overrides(run_dir, train_pattern(synth_data), train__keep_last=3)]) == 0
     return run_dir
+
+
+# Disk: a passing test's tmp_path is deleted at its teardown (pyproject's tmp_path_retention_policy), so the
+# suite holds at most the session and module fixtures plus the test running now. The header says how much room
+# there is, and if a test failed for want of it, the summary says that the disk, not the code, is what to fix.
+NO_SPACE = "No space left on device"
+# `.ci/run` from a fresh clone held at most 2.3 GiB there (2026-12-06, sampled every 20 s; 8.1 GiB when every
+# test kept its folder to the end). 3 leaves a margin.
+SUITE_PEAK_GIB = 3
+
+
+def _free_gib(config) -> tuple[str, float]:
+    base = config._tmp_path_factory.getbasetemp()
+    return str(base.parent), shutil.disk_usage(base).free / 2**30
+
+
+def pytest_report_header(config):
+    where, free = _free_gib(config)
+    return f"temporary folders: {where} ({free:.1f} GiB free)"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    failed = terminalreporter.stats.get("failed", []) + terminalreporter.stats.get("error", [])
+    full = [r.nodeid for r in failed if NO_SPACE in str(r.longrepr)]
+    if full:
+        where, free = _free_gib(config)
+        terminalreporter.write_line(
+            f"{len(full)} test(s) failed because the disk under {where} filled ({free:.1f} GiB free now), "
+            f"first {full[0]}. The whole suite needs about {SUITE_PEAK_GIB} GiB free there: free some, or "
+            "point pytest at a larger disk with --basetemp.",
+            red=True,
+        )
