@@ -50,7 +50,8 @@ def _free_gib(config) -> tuple[str, float]:
 
 def pytest_report_header(config):
     where, free = _free_gib(config)
-    return f"temporary folders: {where} ({free:.1f} GiB free)"
+    short = f": less than the {SUITE_PEAK_GIB} GiB the whole suite needs" if free < SUITE_PEAK_GIB else ""
+    return f"temporary folders: {where} ({free:.1f} GiB free{short})"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
