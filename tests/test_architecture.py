@@ -19,9 +19,10 @@ def floors_from_doc() -> dict[str, int]:
     floors = {}
     for line in DOC.read_text().splitlines():
         cells = [c.strip() for c in line.split("|")]
-        if len(cells) < 4 or not re.match(r"^\d+\b", cells[1]):
+        number = re.match(r"^(\d+)\b", cells[1]) if len(cells) >= 4 else None
+        if number is None:
             continue
-        floor = int(re.match(r"^(\d+)", cells[1]).group(1))
+        floor = int(number.group(1))
         for token in re.findall(r"`([^`]+)`", cells[2]):
             if token.endswith("/") and (REPO / token).is_dir():
                 floors[token.rstrip("/").replace("/", ".")] = floor
